@@ -1,0 +1,37 @@
+"""Shared fixtures: the read-only data sets beside the repository, extracted once per session."""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """Where the read-only data sets live (`PICSTREAM_SHARED_DATA` overrides `../shared/data`)."""
+    return Path(os.environ.get("PICSTREAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    if not archive.exists():
+        pytest.skip(f"data set not found: {archive}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """CIFAR-10 as JPEGs: `<dir>/train/<class>/NNNN.jpg` and `<dir>/test/<class>/NNNN.jpg`."""
+    root = _extract(shared_data_dir() / "cifar10-jpeg.tar.gz", tmp_path_factory.mktemp("cifar"))
+    return root / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample_dir(tmp_path_factory) -> Path:
+    """1000 real ImageNet JPEGs in one folder."""
+    root = _extract(shared_data_dir() / "imagenet-sample-1000.tar", tmp_path_factory.mktemp("inet"))
+    return root / "imagenet-sample-1000"
