@@ -1,0 +1,73 @@
+"""Atomic, verifiable training checkpoints (`torch.load(weights_only=True)` safe)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+FORMAT = "picstream-checkpoint-1"
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"ckpt-{step:09d}.pt"
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write `state` to `ckpt-<step>.pt` via a temp file, fsync and rename (never a torn file)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, step)
+    tmp = final.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, "step": step, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; raises `ValueError` if it is not a valid one."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, ...: all mean "not usable"
+        raise ValueError(f"checkpoint {path} is unreadable: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a picstream checkpoint")
+    return state
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints in `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_valid_checkpoint(directory: Path, log=print) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The newest checkpoint that loads; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as err:
+            log(f"skipping {err}")
+    return None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints; returns the ones kept."""
+    found = list_checkpoints(directory)
+    for path in found[:-keep]:
+        path.unlink(missing_ok=True)
+    return found[-keep:]

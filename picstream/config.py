@@ -1,0 +1,261 @@
+"""Typed training configuration: YAML in, validated dataclasses out, `key.sub=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (names the key and what is allowed)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "picstream"
+    output_dir: str = "runs/picstream"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    image_size: int = 224
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    workers: int = 4
+    cache_dir: Optional[str] = None
+    cache_gb: float = 20.0
+    multi_crop: Optional[list[list[int]]] = None
+
+
+@dataclass
+class AugmentConfig:
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    cifar_stem: bool = False
+    head_hidden: int = 2048
+    feature_dim: int = 128
+
+
+@dataclass
+class ClassifierConfig:
+    sampling: Literal["recent", "full"] = "recent"
+    recent_k: int = 65536
+    loss: Literal["cosine", "plain"] = "cosine"
+    temperature: float = 0.2
+    correction: Literal["exact", "paper", "none"] = "exact"
+    store: Optional[str] = None
+    chunk_rows: int = 4096
+
+
+@dataclass
+class ScheduleConfig:
+    scheduler: Literal["sliding", "epoch"] = "sliding"
+    window: int = 131072
+    stride: int = 16384
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 512
+    base_lr: float = 0.06
+    base_batch_size: int = 512
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: float = 200.0
+    warmup_epochs: float = 5.0
+
+
+@dataclass
+class TrainConfig:
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class MonitorConfig:
+    knn_train: Optional[str] = None
+    knn_val: Optional[str] = None
+    every_steps: int = 0
+    k: int = 200
+    temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'; allowed here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["optim.epochs=5", "data.train=x"]` → nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    """Validate a nested dict (unknown keys and wrong types raise `ConfigError`)."""
+    config = _build(Config, data or {}, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML file (or start from defaults when `path` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "optim.batch_size": config.optim.batch_size,
+        "optim.base_lr": config.optim.base_lr,
+        "optim.epochs": config.optim.epochs,
+        "schedule.window": config.schedule.window,
+        "schedule.stride": config.schedule.stride,
+        "classifier.recent_k": config.classifier.recent_k,
+        "classifier.temperature": config.classifier.temperature,
+        "classifier.chunk_rows": config.classifier.chunk_rows,
+        "data.image_size": config.data.image_size,
+        "model.feature_dim": config.model.feature_dim,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    if config.schedule.stride > config.schedule.window:
+        raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
+    if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
+        raise ConfigError("config key 'classifier.recent_k' must be >= 'optim.batch_size'")
+    if not config.data.train:
+        raise ConfigError("config key 'data.train' must name a shard manifest (path or URL)")
+    if len(config.data.crop_scale) != 2 or not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
+        raise ConfigError("config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1")

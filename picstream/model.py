@@ -1,0 +1,43 @@
+"""The PIC network: a torchvision ResNet backbone and a 2-layer MLP projection head."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from .config import ModelConfig
+
+
+def build_backbone(arch: str, cifar_stem: bool = False) -> nn.Module:
+    """A torchvision ResNet without its `fc` layer (replaced by identity); output = pooled features.
+
+    `cifar_stem` swaps the 7×7/2 conv + max-pool for a 3×3/1 conv without pooling (for 32 px inputs).
+    """
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    if cifar_stem:
+        backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        backbone.maxpool = nn.Identity()
+    backbone.fc = nn.Identity()
+    return backbone
+
+
+def backbone_dim(arch: str) -> int:
+    return 512 if arch in ("resnet18", "resnet34") else 2048
+
+
+class PICNet(nn.Module):
+    """backbone → pooled features → Linear-BN-ReLU-Linear head → z (unnormalised)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.backbone = build_backbone(config.arch, config.cifar_stem)
+        dim = backbone_dim(config.arch)
+        self.head = nn.Sequential(
+            nn.Linear(dim, config.head_hidden),
+            nn.BatchNorm1d(config.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(config.head_hidden, config.feature_dim),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))

@@ -1,0 +1,133 @@
+"""Exact lazy correction of classifier rows that received no gradient for a stretch of SGD steps.
+
+A row with ``g = 0`` during steps ``(s, t]`` evolves by ``A_t ··· A_{s+1}``, with
+``A_k = [[1 − η_k·λ, −η_k·m], [λ, m]]`` acting on ``(w, u)``. :class:`TransitionLog` keeps every
+applied ``η_k`` and answers such range products exactly in float64 from a growable segment tree.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MODES = ("exact", "paper", "none")
+
+
+class TransitionLog:
+    """Per-step learning rates and a segment tree of their 2×2 transition matrices."""
+
+    def __init__(self, momentum: float, weight_decay: float):
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self._lrs: list[float] = []
+        self._cap = 1
+        self._tree = np.tile(np.eye(2), (2, 1, 1))  # node k = product of its range, later steps left
+
+    @property
+    def num_steps(self) -> int:
+        return len(self._lrs)
+
+    @property
+    def last_lr(self) -> float:
+        return self._lrs[-1] if self._lrs else 0.0
+
+    def matrix(self, lr) -> np.ndarray:
+        """``A`` for one or many learning rates (shape ``(..., 2, 2)``)."""
+        lr = np.asarray(lr, dtype=np.float64)
+        m, lam = self.momentum, self.weight_decay
+        a = np.empty(lr.shape + (2, 2))
+        a[..., 0, 0] = 1.0 - lr * lam
+        a[..., 0, 1] = -lr * m
+        a[..., 1, 0] = lam
+        a[..., 1, 1] = m
+        return a
+
+    def _rebuild(self, cap: int) -> None:
+        tree = np.tile(np.eye(2), (2 * cap, 1, 1))
+        n = len(self._lrs)
+        tree[cap:cap + n] = self.matrix(self._lrs)
+        lo, hi = cap // 2, cap
+        while lo >= 1:
+            tree[lo:hi] = tree[2 * lo + 1:2 * hi:2] @ tree[2 * lo:2 * hi:2]
+            lo, hi = lo // 2, lo
+        self._cap, self._tree = cap, tree
+
+    def append(self, lr: float) -> None:
+        """Record the learning rate of the step just applied."""
+        self._lrs.append(float(lr))
+        if len(self._lrs) > self._cap:
+            self._rebuild(2 * self._cap)
+            return
+        k = self._cap + len(self._lrs) - 1
+        self._tree[k] = self.matrix(lr)
+        k //= 2
+        while k >= 1:
+            self._tree[k] = self._tree[2 * k + 1] @ self._tree[2 * k]
+            k //= 2
+
+    def products(self, starts: np.ndarray) -> np.ndarray:
+        """``A_T ··· A_{s+1}`` for each ``s`` in ``starts`` (``T = num_steps``), shape ``(n, 2, 2)``."""
+        starts = np.asarray(starts, dtype=np.int64)
+        if starts.size and (starts.min() < 0 or starts.max() > self.num_steps):
+            raise ValueError(f"start steps must lie in [0, {self.num_steps}]")
+        n = starts.size
+        left = np.tile(np.eye(2), (n, 1, 1))   # earliest ranges, accumulated on the right
+        right = np.tile(np.eye(2), (n, 1, 1))  # latest ranges, accumulated on the left
+        lo = starts + self._cap
+        hi = np.full(n, self.num_steps + self._cap, dtype=np.int64)
+        while True:
+            active = lo < hi
+            if not active.any():
+                break
+            take = active & (lo & 1).astype(bool)
+            left[take] = self._tree[lo[take]] @ left[take]
+            lo[take] += 1
+            take = active & (hi & 1).astype(bool)
+            hi[take] -= 1
+            right[take] = right[take] @ self._tree[hi[take]]
+            lo >>= 1
+            hi >>= 1
+        return right @ left
+
+    def _paper_products(self, starts: np.ndarray) -> np.ndarray:
+        """The paper's closed form: ``A(η_T)^(T − s)`` with the current learning rate."""
+        gaps = self.num_steps - np.asarray(starts, dtype=np.int64)
+        out = np.tile(np.eye(2), (gaps.size, 1, 1))
+        base = self.matrix(self.last_lr)
+        while gaps.any():
+            odd = (gaps & 1).astype(bool)
+            out[odd] = base @ out[odd]
+            base = base @ base
+            gaps = gaps >> 1
+        return out
+
+    def advance(self, w: np.ndarray, u: np.ndarray, last_step: np.ndarray, mode: str = "exact"):
+        """Rows ``(w, u)`` last updated at ``last_step`` brought forward to ``num_steps``.
+
+        Coefficients are computed in float64 (de-duplicated by start step); the result keeps the
+        dtype of ``w``.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown correction mode {mode!r}; expected one of {MODES}")
+        last_step = np.asarray(last_step, dtype=np.int64)
+        if mode == "none" or last_step.size == 0:
+            return w, u
+        starts, inverse = np.unique(last_step, return_inverse=True)
+        prods = self.products(starts) if mode == "exact" else self._paper_products(starts)
+        p = prods[inverse.reshape(-1)][:, :, :, None]  # (n, 2, 2, 1)
+        w64, u64 = w.astype(np.float64), u.astype(np.float64)
+        new_w = p[:, 0, 0] * w64 + p[:, 0, 1] * u64
+        new_u = p[:, 1, 0] * w64 + p[:, 1, 1] * u64
+        return new_w.astype(w.dtype), new_u.astype(u.dtype)
+
+    def state_dict(self) -> dict:
+        return {"lrs": torch.tensor(self._lrs, dtype=torch.float64),
+                "momentum": self.momentum, "weight_decay": self.weight_decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum = float(state["momentum"])
+        self.weight_decay = float(state["weight_decay"])
+        self._lrs = [float(x) for x in state["lrs"].tolist()]
+        cap = 1
+        while cap < len(self._lrs):
+            cap *= 2
+        self._rebuild(cap)

@@ -1,0 +1,48 @@
+"""Command line: `python tools/make_shards.py SRC OUT [options]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import make_shards
+from .format import ShardsError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_shards", description="Pack an image corpus into tar shards with an index and a manifest.")
+    p.add_argument("src", help="a folder (class sub-folders give labels), a text/CSV list (path[,label]) or a URL")
+    p.add_argument("out", help="output folder or URL; OUT/manifest.json is the manifest")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ID permutation (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="validating/converting processes (default 1)")
+    p.add_argument("--no-labels", action="store_true", help="ignore class folders / list labels")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX", help="re-encode if the long side exceeds PX")
+    p.add_argument("--resize-short", type=int, default=None, metavar="PX",
+                   help="re-encode if the short side exceeds PX, scaling it to PX")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        summary = make_shards(args.src, args.out, shard_size=args.shard_size, seed=args.seed,
+                              workers=args.workers, labels=not args.no_labels, max_side=args.max_side,
+                              resize_short=args.resize_short, quality=args.quality, progress=not args.quiet)
+    except ShardsError as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("make_shards: interrupted; re-run the same command to finish", file=sys.stderr)
+        return 130
+    if summary.packed == 0:
+        print(f"make_shards: error: all {summary.inputs} inputs were skipped (reasons in {summary.manifest})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

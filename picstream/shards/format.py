@@ -1,0 +1,79 @@
+"""The shard format: file names, tar member layout, index layout and atomic writes (see shards/README.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+
+import numpy as np
+
+FORMAT_NAME = "picstream-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_DTYPE = np.dtype("<i8")
+INDEX_COLUMNS = 3  # (offset of the image bytes inside the tar, size, label or -1)
+BLOCK = tarfile.BLOCKSIZE  # 512
+RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to a whole record, like tarfile/GNU tar do
+
+
+class ShardsError(Exception):
+    """A fatal condition (missing source, no inputs, unwritable output, foreign output folder)."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def index_name(k: int) -> str:
+    return f"shard-{k:06d}.idx"
+
+
+def sidecar_name(k: int) -> str:
+    """Written atomically after shard k is complete; holds its checksums and the inputs it consumed."""
+    return f"shard-{k:06d}.json"
+
+
+def member_name(sample_id: int, ext: str) -> str:
+    return f"{sample_id:012d}.{ext}"
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A reproducible ustar header: fixed mtime, owner, group and mode."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def padding(size: int, unit: int = BLOCK) -> bytes:
+    return b"\0" * (-size % unit)
+
+
+def end_of_archive(position: int) -> bytes:
+    """Two zero blocks, then zeros up to a whole record."""
+    position += 2 * BLOCK
+    return b"\0" * (2 * BLOCK) + padding(position, RECORD)
+
+
+def json_bytes(obj) -> bytes:
+    """Canonical JSON (sorted keys, compact) so equal content gives equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write to a temporary name beside `path`, then rename it into place."""
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)

@@ -1,0 +1,106 @@
+"""List the inputs of a source (folder tree, text/CSV file list, any fsspec URL) and read their bytes."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+
+import fsspec
+
+from .format import ShardsError
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str  # how the input is recorded: path relative to the folder, or the list entry as written
+    locator: str  # what is read: a local path or a full URL
+    label: int  # -1 when unlabeled
+
+
+@dataclass(frozen=True)
+class Listing:
+    url: str
+    kind: str  # "folder" | "list"
+    inputs: list[Input]
+    label_names: list[str] | None
+
+
+def is_url(s: str) -> bool:
+    return "://" in s
+
+
+def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None = None) -> Listing:
+    """Every file of a folder tree (labels = first-level sub-folder names), or every entry of a list file."""
+    src = str(src)
+    fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
+    local = not is_url(src) or src.startswith("file://")
+    try:
+        exists = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - network errors are just as fatal
+        raise ShardsError(f"cannot access source {src}: {e}") from None
+    if not exists:
+        raise ShardsError(f"source not found: {src}")
+    url = os.path.abspath(path) if local else src
+    if fs.isdir(path):
+        inputs, names = _list_folder(fs, path, local, labels)
+        kind = "folder"
+    else:
+        inputs, names = _list_file(fs, path, local, labels)
+        kind = "list"
+    if not inputs:
+        raise ShardsError(f"no inputs found in {src}")
+    return Listing(url, kind, inputs, names)
+
+
+def _list_folder(fs, root: str, local: bool, labels: bool):
+    if local:
+        root = os.path.abspath(root)
+        files = [os.path.join(d, f) for d, _, fs_ in os.walk(root, followlinks=True) for f in fs_]
+        rels = sorted(os.path.relpath(f, root).replace(os.sep, "/") for f in files)
+        locators = [os.path.join(root, r) for r in rels]
+    else:
+        root = root.rstrip("/")
+        found = sorted(fs.find(root, withdirs=False))
+        rels = [p[len(root):].lstrip("/") for p in found]
+        locators = [fs.unstrip_protocol(p) for p in found]
+    classes = sorted({r.split("/", 1)[0] for r in rels if "/" in r}) if labels else []
+    index = {c: i for i, c in enumerate(classes)}
+    inputs = [Input(r, loc, index[r.split("/", 1)[0]] if "/" in r and classes else -1)
+              for r, loc in zip(rels, locators)]
+    return inputs, classes or None
+
+
+def _list_file(fs, path: str, local: bool, labels: bool):
+    text = fs.cat_file(path).decode("utf-8")
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip() and not r[0].startswith("#")]
+    if rows and rows[0][0].strip().lower() == "path":
+        rows = rows[1:]
+    base = os.path.dirname(os.path.abspath(path)) if local else fs.unstrip_protocol(path).rsplit("/", 1)[0]
+    entries = [r[0].strip() for r in rows]
+    raw = [r[1].strip() if labels and len(r) > 1 and r[1].strip() else None for r in rows]
+    given = [x for x in raw if x is not None]
+    if not given:
+        names, codes = None, [-1] * len(rows)
+    elif all(x.isdigit() for x in given):
+        names = [str(i) for i in range(max(int(x) for x in given) + 1)]
+        codes = [int(x) if x is not None else -1 for x in raw]
+    else:
+        names = sorted(set(given))
+        index = {c: i for i, c in enumerate(names)}
+        codes = [index[x] if x is not None else -1 for x in raw]
+
+    def locate(entry: str) -> str:
+        if is_url(entry) or (local and os.path.isabs(entry)):
+            return entry
+        return os.path.join(base, entry) if local else base + "/" + entry
+
+    return [Input(e, locate(e), c) for e, c in zip(entries, codes)], names
+
+
+def read_input(locator: str, storage_options: dict | None = None) -> bytes:
+    if not is_url(locator):
+        with open(locator, "rb") as f:
+            return f.read()
+    fs, path = fsspec.core.url_to_fs(locator, **(storage_options or {}))
+    return fs.cat_file(path)

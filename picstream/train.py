@@ -1,0 +1,243 @@
+"""`picstream-train`: PIC pre-training, shards → scheduler → loader → model → classifier ← row store."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .classifier import build_classifier
+from .config import Config, ConfigError, load_config
+from .device import resolve_device
+from .evaluate import extract_features, knn_classify
+from .loader import PhotometricAugment, WindowLoader
+from .lr_schedule import warmup_cosine_lr
+from .metrics import MetricsLogger
+from .model import PICNet
+from .scheduler import EpochScheduler, SlidingWindowScheduler
+from .shards import ShardSet
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A per-step seed for the batched photometric augmentation (independent of resumes)."""
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def build_scheduler(config: Config, num_instances: int):
+    seed = config.run.seed
+    if config.schedule.scheduler == "epoch":
+        return EpochScheduler(num_instances, seed)
+    window = min(config.schedule.window, num_instances)
+    stride = min(config.schedule.stride, window)
+    return SlidingWindowScheduler(num_instances, window, stride, seed)
+
+
+class Trainer:
+    """Owns one run: model, optimizers, classifier rows, data stream, checkpoints and metrics."""
+
+    def __init__(self, config: Config, *, resume: str = "auto", show_progress: bool = True):
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = resolve_device(config.run.device)
+        self.show_progress = show_progress
+        torch.manual_seed(config.run.seed)
+
+        self.shards = ShardSet.open(config.data.train)
+        self.num_instances = len(self.shards)
+        optim = config.optim
+        self.global_batch = optim.batch_size
+        steps_per_epoch = self.num_instances / self.global_batch
+        self.total_steps = max(1, math.ceil(optim.epochs * steps_per_epoch))
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+        self.warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
+        self.peak_lr = optim.base_lr * self.global_batch / optim.base_batch_size
+        self.scheduler = build_scheduler(config, self.num_instances)
+
+        self.model = PICNet(config.model).to(self.device)
+        if self.device.type == "cuda" and config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if config.train.compile else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
+                                         momentum=optim.momentum, weight_decay=optim.weight_decay)
+        cls = config.classifier
+        self.classifier = build_classifier(
+            self.num_instances, config.model.feature_dim, sampling=cls.sampling,
+            capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
+            momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
+            store_url=cls.store or str(self.run_dir / "rowstore.zarr"), seed=config.run.seed,
+            chunk_rows=cls.chunk_rows, cache_rows=self.scheduler.window + self.scheduler.stride,
+            device=self.device)
+        aug = config.augment
+        self.augment = PhotometricAugment(
+            brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
+            jitter_p=aug.jitter_p, gray_p=aug.gray_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p)
+        self.amp = self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
+        self.start_step = self._resume(resume)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self, resume: str) -> int:
+        if resume == "none":
+            if self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
+                raise ConfigError(f"{self.ckpt_dir} already holds checkpoints; use --resume auto "
+                                  "or a fresh run.output_dir")
+            return 0
+        if resume == "auto":
+            found = latest_valid_checkpoint(self.ckpt_dir, log=self._say)
+            if found is None:
+                return 0
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(Path(resume))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.classifier.load_checkpoint_state(state["classifier"])
+        torch.set_rng_state(state["torch_rng"])
+        self._say(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Checkpoint after `step` completed steps (the row store is committed first)."""
+        state = {
+            "config": self.config.to_yaml(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "classifier": self.classifier.checkpoint_state(),
+            "torch_rng": torch.get_rng_state(),
+            "total_steps": self.total_steps,
+            "num_instances": self.num_instances,
+        }
+        path = save_checkpoint(self.ckpt_dir, step, state)
+        prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)
+        return path
+
+    # ------------------------------------------------------------------ the step
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine_lr(step, self.total_steps, self.peak_lr, self.warmup_steps)
+
+    def train_step(self, step: int, images: torch.Tensor, ids) -> dict[str, float]:
+        """One PIC step on a uint8 batch: augment → network → cosine logits over recent rows → SGD."""
+        lr = self.lr_at(step)
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.config.run.seed, step))
+        images = images.to(self.device, non_blocking=True)
+        x = self.augment(images, generator)
+        if self.device.type == "cuda" and self.config.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            z = self.forward(x)
+        logits, targets = self.classifier.logits(z.float(), ids)
+        loss = F.cross_entropy(logits, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.classifier.step(lr)
+        return {"loss": loss.item(), "lr": lr}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Train from `start_step` to `total_steps`; returns the final metrics."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config.to_yaml())
+        if self.start_step >= self.total_steps:
+            self._say(f"nothing to do: step {self.start_step} of {self.total_steps} already reached")
+            return {"step": self.start_step}
+        loader = WindowLoader(
+            self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
+            crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
+            start_step=self.start_step, num_steps=self.total_steps - self.start_step,
+            seed=config.run.seed, cache_dir=config.data.cache_dir,
+            cache_bytes=int(config.data.cache_gb * 2**30))
+        metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
+                                show_progress=self.show_progress)
+        last: dict[str, Any] = {}
+        skipped = 0
+        try:
+            for batch in loader:
+                step = batch.step
+                skipped += batch.skipped
+                self._prefetch_rows(step)
+                result = self.train_step(step, batch.images, batch.ids)
+                done = step + 1
+                if done % config.train.log_every == 0 or done == self.total_steps:
+                    last = metrics.log(step, {
+                        **result,
+                        "epoch": done * self.global_batch / self.num_instances,
+                        "min_row_norm": self.classifier.min_row_norm(),
+                        "device_mem_mb": self._device_memory_mb(),
+                        "skipped": skipped,
+                    }, images_per_step=self.global_batch)
+                if config.monitor.every_steps and done % config.monitor.every_steps == 0:
+                    metrics.event(step, {"knn_top1": self.knn_monitor()["top1"]})
+                if done % config.train.checkpoint_every == 0 or done == self.total_steps:
+                    self.save_checkpoint(done)
+        finally:
+            metrics.close()
+        return last
+
+    def _prefetch_rows(self, step: int) -> None:
+        """When a batch starts a new window, ask the row store to load the next window's new rows."""
+        window, stride = self.scheduler.window, self.scheduler.stride
+        first = step * self.global_batch
+        if first % window >= self.global_batch:
+            return
+        k = first // window + 1
+        start = (k * stride + window - stride) % self.num_instances
+        stop = start + stride
+        self.classifier.prefetch(start, min(stop, self.num_instances))
+        if stop > self.num_instances:
+            self.classifier.prefetch(0, stop - self.num_instances)
+
+    def knn_monitor(self) -> dict[str, float]:
+        mon = self.config.monitor
+        if not (mon.knn_train and mon.knn_val):
+            raise ConfigError("monitor.every_steps needs monitor.knn_train and monitor.knn_val")
+        kwargs = dict(image_size=self.config.data.image_size, workers=self.config.data.workers,
+                      device=self.device)
+        train = extract_features(self.model.backbone, ShardSet.open(mon.knn_train), **kwargs)
+        val = extract_features(self.model.backbone, ShardSet.open(mon.knn_val), **kwargs)
+        return knn_classify(train, val, k=mon.k, temperature=mon.temperature)
+
+    def _device_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return self.classifier.device_bytes() / 2**20
+
+    def _say(self, message: str) -> None:
+        if self.show_progress:
+            print(message, file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="picstream-train", description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (newest valid checkpoint of the run, default), 'none', or a path")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.epochs=10")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        trainer = Trainer(config, resume=args.resume)
+        result = trainer.run()
+    except ConfigError as err:
+        print(f"picstream-train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"picstream-train: done: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
