@@ -22,9 +22,11 @@ NORM_EPS = 1e-6
 
 
 def _cosine_or_plain(z: torch.Tensor, w: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
-    """Logits in float32, outside autocast: cosine ``ẑ·ŵ/τ`` (eps-guarded norms) or plain ``z·w``."""
+    """Logits in float32 (float64 for float64 rows), outside autocast: cosine ``ẑ·ŵ/τ`` with
+    eps-guarded norms, or plain ``z·w``."""
     with torch.autocast(z.device.type, enabled=False):
-        z, w = z.float(), w.float()
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        z, w = z.to(dtype), w.to(dtype)
         if loss == "plain":
             return z @ w.t()
         zn = z / z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)

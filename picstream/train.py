@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +48,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(config.run.device)
         self.show_progress = show_progress
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # leave the loader workers their cores: oversubscribed OpenMP threads spin and crawl
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.workers))
         torch.manual_seed(config.run.seed)
 
         self.shards = ShardSet.open(config.data.train)
@@ -80,6 +84,8 @@ class Trainer:
             brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
             jitter_p=aug.jitter_p, gray_p=aug.gray_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p)
         self.amp = self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
+        # Without an accelerator the colour augmentation runs in the loader's CPU workers.
+        self._augment_in_workers = self.device.type == "cpu" and config.data.workers > 0
         self.start_step = self._resume(resume)
 
     # ------------------------------------------------------------------ checkpoints
@@ -125,9 +131,10 @@ class Trainer:
     def train_step(self, step: int, images: torch.Tensor, ids) -> dict[str, float]:
         """One PIC step on a uint8 batch: augment → network → cosine logits over recent rows → SGD."""
         lr = self.lr_at(step)
-        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.config.run.seed, step))
-        images = images.to(self.device, non_blocking=True)
-        x = self.augment(images, generator)
+        x = images.to(self.device, non_blocking=True)
+        if not x.is_floating_point():  # uint8: colour augmentation here (else the loader did it)
+            seed = step_seed(self.config.run.seed, step)
+            x = self.augment(x, torch.Generator(device=self.device).manual_seed(seed))
         if self.device.type == "cuda" and self.config.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp
@@ -160,7 +167,8 @@ class Trainer:
             crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
             start_step=self.start_step, num_steps=self.total_steps - self.start_step,
             seed=config.run.seed, cache_dir=config.data.cache_dir,
-            cache_bytes=int(config.data.cache_gb * 2**30))
+            cache_bytes=int(config.data.cache_gb * 2**30),
+            augment=self.augment if self._augment_in_workers else None)
         metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
                                 show_progress=self.show_progress)
         last: dict[str, Any] = {}

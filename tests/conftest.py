@@ -35,3 +35,18 @@ def imagenet_sample_dir(tmp_path_factory) -> Path:
     """1000 real ImageNet JPEGs in one folder."""
     root = _extract(shared_data_dir() / "imagenet-sample-1000.tar", tmp_path_factory.mktemp("inet"))
     return root / "imagenet-sample-1000"
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """A small generated labeled corpus (8 shape classes, 32 px), sharded: (train, val) manifests."""
+    from picstream.shards import make_shards
+    from picstream.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("shapes")
+    manifests = []
+    for split, per_class, seed in (("train", 40, 0), ("val", 10, 1)):
+        images = write_corpus(root / "images" / split, per_class, seed=seed)
+        make_shards(str(images), str(root / split), shard_size=64, seed=seed, progress=False)
+        manifests.append(root / split / "manifest.json")
+    return manifests[0], manifests[1]

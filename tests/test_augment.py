@@ -100,7 +100,7 @@ def test_parameters_are_drawn_per_sample_with_the_right_rates():
     assert f[:, :3].min() >= 0.6 and f[:, :3].max() <= 1.4 and f[:, 3].abs().max() <= 0.1
     assert len(set(map(tuple, p["order"][:200].tolist()))) > 12    # many of the 24 orders
 
-    same = images(b=1).expand(16, -1, -1, -1).contiguous()       # one image, 16 copies
+    same = images()[:1].expand(16, -1, -1, -1).contiguous()       # one image, 16 copies
     out = aug(same, torch.Generator().manual_seed(1))
     assert out.dtype == torch.float32 and out.shape == same.shape
     assert len({tuple(o.flatten()[:64].tolist()) for o in out}) > 8

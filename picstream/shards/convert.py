@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -48,21 +49,23 @@ def prepare(data: bytes, *, max_side: int | None = None, resize_short: int | Non
     if fmt not in SUPPORTED_FORMATS:
         raise Skip(UNSUPPORTED, f"unsupported format {fmt}")
     orientation = img.getexif().get(ORIENTATION_TAG, 1)
-    width, height = img.size
-    if fmt in JPEG_FORMATS:
-        img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-    _decode(img)  # a reduced-size decode still entropy-decodes every byte: truncation is caught
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
+    if orientation not in range(2, 9):  # 1 = upright; 0 and other invalid values occur and mean nothing
+        orientation = 1
+    stored = img.size
+    width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored
     scale = _scale(width, height, max_side, resize_short)
     reason = _conversion_reason(fmt, img.mode, orientation, scale)
+    if fmt in JPEG_FORMATS:
+        # A reduced-size decode still entropy-decodes every byte (which is what catches truncation):
+        # 1/8 scale to validate a JPEG stored as-is, else the smallest scale not below the output size.
+        target = 1 / 8 if reason is None else scale
+        img.draft(img.mode, tuple(max(1, math.ceil(side * target)) for side in stored))
+    _decode(img)
     if reason is None:
         return Prepared(data, width, height, None)
-    img = _open(data)  # full-size decode for the re-encode
-    _decode(img)
     img = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
-    if scale < 1:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if img.size != size:
         img = img.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality)

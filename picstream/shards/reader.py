@@ -39,7 +39,7 @@ class ShardSet:
         manifest_url = url if url.endswith(".json") else F.join(url, F.MANIFEST)
         fs, path = fsspec.core.url_to_fs(manifest_url, **(storage_options or {}))
         manifest = json.loads(fs.cat_file(path))
-        return cls(manifest_url.rsplit("/", 1)[0], manifest, storage_options)
+        return cls(manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else ".", manifest, storage_options)
 
     def __getstate__(self):
         return {**self.__dict__, "_fs": None, "_pid": None}
@@ -75,7 +75,8 @@ class ShardSet:
             idx = np.frombuffer(data, dtype=F.INDEX_DTYPE).reshape(-1, F.INDEX_COLUMNS).astype(np.int64)
             idx.setflags(write=False)
             if len(idx) != self._shards[k]["count"]:
-                raise ValueError(f"index of shard {k} has {len(idx)} rows, manifest says {self._shards[k]['count']}")
+                raise ValueError(f"index of shard {k} has {len(idx)} rows, the manifest says "
+                                 f"{self._shards[k]['count']}")
             self._index[k] = idx
             if len(self._index) > INDEX_CACHE_SHARDS:
                 self._index.popitem(last=False)

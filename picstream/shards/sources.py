@@ -30,8 +30,10 @@ def is_url(s: str) -> bool:
     return "://" in s
 
 
-def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None = None) -> Listing:
-    """Every file of a folder tree (labels = first-level sub-folder names), or every entry of a list file."""
+def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None = None,
+                exclude: str | None = None) -> Listing:
+    """Every file of a folder tree (labels = first-level sub-folder names), or every entry of a list file.
+    `exclude`: a local folder (the output) left out of a local source tree."""
     src = str(src)
     fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
     local = not is_url(src) or src.startswith("file://")
@@ -43,7 +45,7 @@ def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None =
         raise ShardsError(f"source not found: {src}")
     url = os.path.abspath(path) if local else src
     if fs.isdir(path):
-        inputs, names = _list_folder(fs, path, local, labels)
+        inputs, names = _list_folder(fs, path, local, labels, exclude)
         kind = "folder"
     else:
         inputs, names = _list_file(fs, path, local, labels)
@@ -53,10 +55,18 @@ def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None =
     return Listing(url, kind, inputs, names)
 
 
-def _list_folder(fs, root: str, local: bool, labels: bool):
+def _list_folder(fs, root: str, local: bool, labels: bool, exclude: str | None):
     if local:
         root = os.path.abspath(root)
-        files = [os.path.join(d, f) for d, _, fs_ in os.walk(root, followlinks=True) for f in fs_]
+        if exclude and exclude.startswith("file://"):
+            exclude = exclude[len("file://"):]
+        skip = os.path.abspath(exclude) if exclude and not is_url(exclude) else None
+        files, seen = [], {os.path.realpath(root)}
+        for d, dirs, names in os.walk(root, onerror=_unlistable, followlinks=True):
+            real = {x: os.path.realpath(os.path.join(d, x)) for x in dirs}
+            dirs[:] = [x for x in dirs if os.path.join(d, x) != skip and real[x] not in seen]
+            seen.update(real[x] for x in dirs)  # symlinked folders are followed once (no cycles)
+            files += [os.path.join(d, f) for f in names]
         rels = sorted(os.path.relpath(f, root).replace(os.sep, "/") for f in files)
         locators = [os.path.join(root, r) for r in rels]
     else:
@@ -71,8 +81,15 @@ def _list_folder(fs, root: str, local: bool, labels: bool):
     return inputs, classes or None
 
 
+def _unlistable(err: OSError):
+    raise ShardsError(f"cannot list {err.filename}: {err.strerror}")
+
+
 def _list_file(fs, path: str, local: bool, labels: bool):
-    text = fs.cat_file(path).decode("utf-8")
+    try:
+        text = fs.cat_file(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardsError(f"{path} is neither a folder nor a text file list") from None
     rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip() and not r[0].startswith("#")]
     if rows and rows[0][0].strip().lower() == "path":
         rows = rows[1:]

@@ -1,0 +1,128 @@
+"""Decoding sample bytes and cutting crops out of them.
+
+Images are handled as uint8 ``(H, W, 3)`` (what libjpeg-turbo produces; batches are channels-last).
+Decoders: ``"torchvision"`` (``torchvision.io.decode_image``, libjpeg-turbo, the fastest full
+decode), ``"pil"`` (Pillow; pillow-simd when installed, it is a drop-in PIL) and ``"auto"``: Pillow
+with ``draft`` (JPEG DCT-domain downscaling) when every crop of the sample is at least twice its
+output size, torchvision otherwise. Crops are resized with torch's antialiased bilinear kernel on
+uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .geometry import CropSpec, center_crop_box, random_resized_crop, resize_short_size
+
+try:
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:  # torchvision is optional here: Pillow does everything
+    decode_image = None
+
+__all__ = ["DECODERS", "decode", "decode_crops", "decode_center"]
+
+DECODERS = ("auto", "pil", "torchvision")
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header, or None when ``data`` is not a JPEG.
+
+    A few byte reads instead of ``PIL.Image.open`` (a noticeable share of a 224 px crop's cost).
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _pil_to_hwc(im: Image.Image) -> torch.Tensor:
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return torch.from_numpy(np.array(im))
+
+
+def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
+    """Decode to uint8 ``(H, W, 3)`` (Pillow for ``"pil"`` or when torchvision cannot)."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    if decoder != "pil" and decode_image is not None:
+        try:   # libjpeg-turbo writes HWC; torchvision returns a CHW view of it
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode=ImageReadMode.RGB).permute(1, 2, 0)
+        except RuntimeError:
+            if decoder == "torchvision":
+                raise
+    return _pil_to_hwc(Image.open(io.BytesIO(data)))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 ``(h, w, 3)`` to ``size`` ``(h, w)``, HWC out.
+
+    Channels-last uint8 is the layout torch's vectorised antialias kernel wants.
+    """
+    if tuple(x.shape[:2]) == tuple(size):
+        return x
+    x = x.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return y[0].permute(1, 2, 0)
+
+
+def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[CropSpec],
+                 outs: Sequence[torch.Tensor], decoder: str = "auto") -> None:
+    """Decode once and write one RandomResizedCrop (+ flip) per spec into ``outs`` (uint8 (s,s,3)).
+
+    ``uniforms[i]`` drives crop ``i`` (see :func:`geometry.random_resized_crop`). Raises on bytes
+    that cannot be decoded.
+    """
+    size = jpeg_size(data)
+    width, height = size if size is not None else Image.open(io.BytesIO(data)).size
+    boxes = [random_resized_crop(height, width, u, s) for u, s in zip(uniforms, specs)]
+    reduce = min(min(h, w) / s.size for (_, _, h, w, _), s in zip(boxes, specs))
+    if decoder != "torchvision" and reduce >= 2 and size is not None:
+        header = Image.open(io.BytesIO(data))
+        # DCT-domain downscaling; the crop boxes are then cut with sub-pixel accuracy by Pillow
+        header.draft("RGB", (-(-width // int(reduce)), -(-height // int(reduce))))
+        sx, sy = header.size[0] / width, header.size[1] / height
+        img = header if header.mode == "RGB" else header.convert("RGB")
+        for (top, left, h, w, flip), spec, out in zip(boxes, specs, outs):
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            y = _pil_to_hwc(img.resize((spec.size, spec.size), Image.BILINEAR, box=box))
+            out.copy_(y.flip(1) if flip else y)
+        return
+    img = decode(data, decoder)
+    for (top, left, h, w, flip), spec, out in zip(boxes, specs, outs):
+        y = _resize(img[top:top + h, left:left + w], (spec.size, spec.size))
+        out.copy_(y.flip(1) if flip else y)
+
+
+def decode_center(data: bytes, size: int, resize: int | None, out: torch.Tensor,
+                  decoder: str = "auto") -> None:
+    """Evaluation view into ``out`` (uint8 (size,size,3)): resize the short side to ``resize`` (if
+    set), centre-crop ``size``. An image whose short side is below ``size`` is first resized up to
+    ``size`` (no padding)."""
+    img = decode(data, decoder)
+    h, w = img.shape[:2]
+    short = resize if resize is not None else max(size, min(h, w))
+    if short != min(h, w):
+        img = _resize(img, resize_short_size(h, w, short))
+        h, w = img.shape[:2]
+    top, left = center_crop_box(h, w, size)
+    out.copy_(img[top:top + size, left:left + size])

@@ -1,0 +1,226 @@
+"""The training loader: the scheduler's stream of IDs → decoded, cropped uint8 batches.
+
+Global batch ``j`` is stream positions ``[j·B·R, (j+1)·B·R)``; rank ``r`` takes block ``r``;
+DataLoader worker ``p`` produces the batches ``(j − start_step) ≡ p (mod P)`` as whole batches
+(``batch_size=None``), and the DataLoader's in-order round robin restores the order. Each sample's
+crop and flip are drawn from ``(seed, stream position)``, so batches do not depend on the worker
+count and a loader built with ``start_step=j`` reproduces batch ``j`` onwards exactly.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
+from .cache import ShardReader, is_local
+from .decode import DECODERS, decode_crops
+from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
+
+__all__ = ["Batch", "WindowLoader", "SMALL_CROP_SCALE", "crop_specs"]
+
+log = logging.getLogger(__name__)
+
+SMALL_CROP_SCALE = (0.05, 0.14)   # multi-crop's small views (official PIC code)
+
+
+@dataclass
+class Batch:
+    """A batch of uint8 images with their instance IDs.
+
+    ``images`` (b,3,H,W) uint8 in channels-last memory format; ``ids``, ``labels`` (−1 when unlabelled) and ``positions`` (stream
+    positions) int64 (b,); ``step`` is the global batch index ``j``; ``skipped`` counts samples that
+    could not be read or decoded and were dropped (``b = B − skipped``); ``extra_crops`` holds one
+    uint8 tensor per multi-crop view, aligned with ``images``.
+    """
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    labels: torch.Tensor
+    step: int
+    positions: torch.Tensor
+    skipped: int = 0
+    extra_crops: list[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _map(self, fn) -> "Batch":
+        return replace(self, images=fn(self.images), ids=fn(self.ids), labels=fn(self.labels),
+                       positions=fn(self.positions), extra_crops=[fn(c) for c in self.extra_crops])
+
+    def pin_memory(self) -> "Batch":
+        """Used by the DataLoader when ``pin_memory=True``."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def crop_specs(image_size: int, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: bool = True,
+               multi_crop: Sequence[tuple] | None = None) -> list[CropSpec]:
+    """The main crop, then each extra crop: ``multi_crop`` items are ``(size, count[, scale])``.
+
+    Without an explicit scale, extra crops smaller than half the main size use
+    :data:`SMALL_CROP_SCALE`, the others ``crop_scale``.
+    """
+    specs = [CropSpec(image_size, tuple(crop_scale), tuple(crop_ratio), flip)]
+    for item in multi_crop or ():
+        size, count = int(item[0]), int(item[1])
+        scale = item[2] if len(item) > 2 else (
+            SMALL_CROP_SCALE if 2 * size < image_size else crop_scale)
+        specs += [CropSpec(size, tuple(scale), tuple(crop_ratio), flip)] * count
+    return specs
+
+
+class _BatchMaker:
+    """Reads, decodes and crops the samples of one batch (runs inside the DataLoader workers)."""
+
+    def __init__(self, shardset, reader: ShardReader, specs: list[CropSpec], seed: int, decoder: str,
+                 augment=None):
+        self.shardset, self.reader, self.specs = shardset, reader, specs
+        self.seed, self.decoder, self.augment = seed, decoder, augment
+
+    def make(self, step: int, positions: np.ndarray, ids: np.ndarray) -> Batch:
+        n, size = len(ids), self.shardset.shard_size
+        u = sample_uniforms(self.seed, positions, DRAWS_PER_CROP * len(self.specs))
+        u = u.reshape(n, len(self.specs), DRAWS_PER_CROP)
+        views = [torch.empty((n, s.size, s.size, 3), dtype=torch.uint8) for s in self.specs]
+        labels = np.full(n, -1, dtype=np.int64)
+        ok = np.zeros(n, dtype=bool)
+        for i, sample_id in enumerate(ids.tolist()):
+            k = sample_id // size
+            try:
+                offset, nbytes, labels[i] = self.shardset.index(k)[sample_id - k * size]
+                data = self.reader.read(k, int(offset), int(nbytes))
+                decode_crops(data, u[i], self.specs, [v[i] for v in views], self.decoder)
+                ok[i] = True
+            except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
+                log.warning("skipping sample %d (stream position %d): %s", sample_id,
+                            positions[i], exc)
+        keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
+        pick = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
+        images = [pick(v).permute(0, 3, 1, 2) for v in views]      # (b,3,H,W), channels-last
+        if self.augment is not None:
+            images = [self.augment(im, _generator(self.seed, step, view))
+                      for view, im in enumerate(images)]
+        return Batch(images=images[0], ids=pick(torch.from_numpy(ids)),
+                     labels=pick(torch.from_numpy(labels)), step=step,
+                     positions=pick(torch.from_numpy(positions)), skipped=int(n - ok.sum()),
+                     extra_crops=images[1:])
+
+
+def _generator(seed: int, step: int, view: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, step, view)``."""
+    state = np.random.SeedSequence([seed % 2**64, step, view]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+class _WindowStream(IterableDataset):
+    """Yields this rank's batches ``start_step, start_step + 1, ...`` split across workers."""
+
+    def __init__(self, maker: _BatchMaker, scheduler: SlidingWindowScheduler, batch_size: int,
+                 rank: int, world_size: int, start_step: int, num_steps: int | None):
+        self.maker, self.scheduler = maker, scheduler
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start_step, self.num_steps = start_step, num_steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, sched = self.maker.reader, self.scheduler
+        reader.worker, reader.num_workers = worker, workers
+        size = self.maker.shardset.shard_size
+        planned = None
+        for step in worker_steps(self.start_step, self.num_steps, worker, workers):
+            pos = batch_positions(step, self.batch_size, self.rank, self.world_size)
+            first, last = sched.window_of(int(pos[0])), sched.window_of(int(pos[-1]))
+            if (first, last) != planned:
+                current = np.union1d(sched.shards_of_window(first, size),
+                                     sched.shards_of_window(last, size))
+                reader.plan(current, sched.shards_of_next_stride(last, size))
+                planned = (first, last)
+            ids = sched.ids_at(int(pos[0]), int(pos[-1]) + 1)
+            yield self.maker.make(step, pos, ids)
+
+
+class WindowLoader:
+    """Iterable of :class:`Batch` for one rank, following a scheduler's stream of IDs.
+
+    Reads only the current window's shards (plus the next stride's, prefetched): local shards by
+    ranged reads, remote ones fetched whole into ``cache_dir`` (a temporary folder when ``None``)
+    bounded by ``cache_bytes``. ``workers=0`` runs everything in the calling process. Iterating
+    again restarts at ``start_step``. ``num_steps=None`` is an endless stream.
+
+    ``augment`` (e.g. :class:`PhotometricAugment`, for training without an accelerator) is called
+    as ``augment(uint8 images, generator)`` on every view inside the workers, with a generator
+    seeded from ``(seed, step, view)``; the batch then carries its output (float32) instead.
+    """
+
+    def __init__(self, shardset, scheduler: SlidingWindowScheduler, batch_size: int, *,
+                 image_size: int = 224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 flip: bool = True, multi_crop: Sequence[tuple] | None = None, rank: int = 0,
+                 world_size: int = 1, workers: int | None = None, start_step: int = 0,
+                 num_steps: int | None = None, seed: int = 0, decoder: str = "auto",
+                 cache_dir: str | None = None, cache_bytes: int = 32 << 30, prefetch: bool = True,
+                 pin_memory: bool = False, prefetch_factor: int = 2, augment=None):
+        if scheduler.num_instances != len(shardset):
+            raise ValueError(f"scheduler has {scheduler.num_instances} IDs, shards {len(shardset)}")
+        if batch_size < 1 or not 0 <= rank < world_size or start_step < 0:
+            raise ValueError("need batch_size >= 1, 0 <= rank < world_size, start_step >= 0")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start_step, self.num_steps = start_step, num_steps
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        self.specs = crop_specs(image_size, crop_scale, crop_ratio, flip, multi_crop)
+        self._tmp_cache = None
+        if cache_dir is None and not is_local(shardset.shard_url(0)):
+            cache_dir = self._tmp_cache = tempfile.mkdtemp(prefix="picstream-shards-")
+            weakref.finalize(self, shutil.rmtree, cache_dir, True)
+        self.reader = ShardReader(shardset, cache_dir, cache_bytes, prefetch)
+        maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment)
+        self.dataset = _WindowStream(maker, copy.deepcopy(scheduler), batch_size, rank,
+                                     world_size, start_step, num_steps)
+        self._pin, self._prefetch_factor = pin_memory, prefetch_factor
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless WindowLoader (num_steps=None) has no length")
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.workers == 0:
+            return iter(self.dataset)
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                      persistent_workers=True, multiprocessing_context="fork",
+                                      prefetch_factor=self._prefetch_factor, pin_memory=self._pin)
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes and remove a temporary shard cache."""
+        iterator = getattr(self._loader, "_iterator", None)   # persistent workers live there
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self._loader = None
+        self.reader.close()
+        if self._tmp_cache is not None:
+            shutil.rmtree(self._tmp_cache, ignore_errors=True)
+            self._tmp_cache = None
+
+    def __enter__(self) -> "WindowLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

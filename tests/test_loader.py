@@ -1,0 +1,233 @@
+"""WindowLoader / EvalLoader on real shards of real JPEGs: crops, determinism, split, resume, errors."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import RandomResizedCrop
+
+from picstream.loader import EvalLoader, WindowLoader
+from picstream.loader.geometry import (DRAWS_PER_CROP, CropSpec, random_resized_crop,
+                                       sample_uniforms)
+from picstream.scheduler import EpochScheduler, SlidingWindowScheduler
+from picstream.shards import ShardSet, make_shards
+
+
+@pytest.fixture(scope="module")
+def photos(imagenet_sample_dir, tmp_path_factory) -> ShardSet:
+    """96 real ImageNet photos (various sizes) in 6 shards of 16."""
+    src = tmp_path_factory.mktemp("photos-src")
+    for f in sorted(imagenet_sample_dir.iterdir())[:96]:
+        (src / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("photos-shards")
+    make_shards(src, out, shard_size=16, seed=1, labels=False, progress=False)
+    return ShardSet.open(out)
+
+
+@pytest.fixture(scope="module")
+def labelled(imagenet_sample_dir, tmp_path_factory) -> ShardSet:
+    """100 other photos in two class folders (labels 0, 1), in shards of 8 (the last one short)."""
+    src = tmp_path_factory.mktemp("labelled-src")
+    files = sorted(imagenet_sample_dir.iterdir())[200:300]
+    for cls, chunk in (("a", files[:50]), ("b", files[50:])):
+        (src / cls).mkdir()
+        for f in chunk:
+            (src / cls / f.name).symlink_to(f)
+    out = tmp_path_factory.mktemp("labelled-shards")
+    make_shards(src, out, shard_size=8, seed=2, progress=False)
+    return ShardSet.open(out)
+
+
+def decoded(ss: ShardSet, sample_id: int) -> torch.Tensor:
+    return decode_image(torch.frombuffer(bytearray(ss.read(sample_id)), dtype=torch.uint8),
+                        mode=ImageReadMode.RGB)
+
+
+def reference_crop(ss: ShardSet, sample_id: int, position: int, seed: int, spec: CropSpec,
+                   which: int = 0, crops: int = 1) -> torch.Tensor:
+    """The crop recomputed independently: ShardSet.read → decode → torchvision resized_crop."""
+    img = decoded(ss, sample_id)
+    u = sample_uniforms(seed, np.array([position]), DRAWS_PER_CROP * crops)[0]
+    top, left, h, w, flip = random_resized_crop(img.shape[1], img.shape[2],
+                                                u[which * DRAWS_PER_CROP:(which + 1) * DRAWS_PER_CROP],
+                                                spec)
+    out = TF.resized_crop(img, top, left, h, w, [spec.size, spec.size], antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
+
+def batches(loader) -> list:
+    with loader:
+        return list(loader)
+
+
+def test_crop_geometry_matches_torchvision_distribution():
+    """Our counter-driven RandomResizedCrop vs torchvision's get_params: same distribution."""
+    spec = CropSpec(224)
+    u = sample_uniforms(0, np.arange(8000), DRAWS_PER_CROP)
+    ours = np.array([random_resized_crop(375, 500, row, spec)[:4] for row in u], dtype=float)
+    torch.manual_seed(0)
+    img = torch.empty(3, 375, 500)
+    theirs = np.array([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3])
+                       for _ in range(8000)], dtype=float)
+    for col in range(4):
+        q = np.linspace(0.05, 0.95, 10)
+        np.testing.assert_allclose(np.quantile(ours[:, col], q), np.quantile(theirs[:, col], q),
+                                   rtol=0.05, atol=6)
+    tiny = random_resized_crop(10, 400, u[0], spec)          # extreme aspect: centre fallback
+    assert tiny[:4] == (0, (400 - round(10 * 4 / 3)) // 2, 10, round(10 * 4 / 3))
+
+
+def test_crops_match_independent_reference(photos):
+    sched = SlidingWindowScheduler(len(photos), 48, 16, seed=3)
+    loader = WindowLoader(photos, sched, 8, image_size=96, workers=0, num_steps=2, seed=11,
+                          decoder="torchvision")
+    spec = loader.specs[0]
+    flips = 0
+    for b in batches(loader):
+        assert b.images.dtype == torch.uint8 and b.images.shape == (8, 3, 96, 96)
+        np.testing.assert_array_equal(b.ids.numpy(), sched.ids_at(b.step * 8, b.step * 8 + 8))
+        for i in range(len(b)):
+            ref = reference_crop(photos, int(b.ids[i]), int(b.positions[i]), 11, spec)
+            assert (b.images[i].int() - ref.int()).abs().max() <= 1
+            u = sample_uniforms(11, b.positions[i:i + 1].numpy(), DRAWS_PER_CROP)[0]
+            flips += u[-1] < 0.5
+    assert 0 < flips < 16
+
+
+def test_draft_decoding_is_close_to_full_decode(photos):
+    """decoder='auto' uses JPEG DCT downscaling for small crops: close to the full-size result."""
+    sched = EpochScheduler(len(photos), seed=0)
+    loader = WindowLoader(photos, sched, 16, image_size=48, crop_scale=(0.5, 1.0), workers=0,
+                          num_steps=1, seed=5, decoder="auto")
+    b = batches(loader)[0]
+    refs = torch.stack([reference_crop(photos, int(i), int(p), 5, loader.specs[0])
+                        for i, p in zip(b.ids, b.positions)])
+    diff = (b.images.float() - refs.float()).abs()
+    assert diff.mean() < 4 and diff.mean(dim=(1, 2, 3)).max() < 12
+
+
+def test_same_batches_for_any_worker_count(labelled):
+    sched = SlidingWindowScheduler(len(labelled), 40, 8, seed=1)
+    kw = dict(image_size=24, num_steps=7, seed=4, multi_crop=[(16, 1), (8, 2)])
+    a = batches(WindowLoader(labelled, sched, 6, workers=0, **kw))
+    b = batches(WindowLoader(labelled, sched, 6, workers=3, **kw))
+    assert [x.step for x in b] == list(range(7))
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and torch.equal(x.ids, y.ids)
+        assert len(x.extra_crops) == 3 and all(torch.equal(c, d) for c, d in
+                                                zip(x.extra_crops, y.extra_crops))
+    assert [c.shape[-1] for c in a[0].extra_crops] == [16, 8, 8]
+
+
+def test_labels_and_extra_crop_scales(labelled):
+    sched = EpochScheduler(len(labelled), seed=0)
+    loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="torchvision",
+                          multi_crop=[(24, 1), (8, 2)])
+    assert [s.scale for s in loader.specs] == [(0.2, 1.0), (0.2, 1.0), (0.05, 0.14), (0.05, 0.14)]
+    for b in batches(loader):
+        np.testing.assert_array_equal(b.labels.numpy(), labelled.labels(b.ids.numpy()))
+        assert set(b.labels.tolist()) <= {0, 1}
+        ref = reference_crop(labelled, int(b.ids[0]), int(b.positions[0]), 0, loader.specs[2], 2, 4)
+        assert (b.extra_crops[1][0].int() - ref.int()).abs().max() <= 1
+
+
+def test_resume_reproduces_the_same_batches(labelled):
+    sched = SlidingWindowScheduler(len(labelled), 32, 8, seed=2)
+    full = batches(WindowLoader(labelled, sched, 4, image_size=16, workers=0, num_steps=12, seed=1))
+    resumed = batches(WindowLoader(labelled, sched, 4, image_size=16, workers=2, start_step=5,
+                                   num_steps=7, seed=1))
+    assert [b.step for b in resumed] == list(range(5, 12))
+    for x, y in zip(full[5:], resumed):
+        assert torch.equal(x.images, y.images) and torch.equal(x.ids, y.ids)
+
+
+def test_ranks_split_the_stream_exactly_once(labelled):
+    sched = SlidingWindowScheduler(len(labelled), 64, 16, seed=0)
+    per_rank = [batches(WindowLoader(labelled, sched, 5, image_size=8, rank=r, world_size=3,
+                                     workers=2, num_steps=9)) for r in range(3)]
+    assert all(len(b) == 9 for b in per_rank)
+    ids = torch.cat([b.ids for rank in per_rank for b in rank]).numpy()
+    np.testing.assert_array_equal(np.sort(ids), np.sort(sched.ids_at(0, 9 * 5 * 3)))
+    np.testing.assert_array_equal(per_rank[2][4].ids.numpy(), sched.ids_at(4 * 15 + 10, 4 * 15 + 15))
+
+
+def test_undecodable_sample_is_skipped_and_counted(labelled, tmp_path):
+    broken_dir = tmp_path / "broken"
+    shutil.copytree(labelled.root, broken_dir)
+    broken = ShardSet.open(broken_dir)
+    victim = 13
+    k = victim // broken.shard_size
+    offset, size, _ = broken.index(k)[victim - k * broken.shard_size]
+    with open(broken.shard_url(k), "r+b") as f:     # overwrite the JPEG header with junk
+        f.seek(int(offset))
+        f.write(b"\x00not an image" * 4)
+    sched = EpochScheduler(len(broken), seed=0)
+    got = batches(WindowLoader(broken, sched, 25, image_size=16, workers=0, num_steps=4))
+    assert sum(b.skipped for b in got) == 1
+    ids = torch.cat([b.ids for b in got]).tolist()
+    assert victim not in ids and len(ids) == 99
+    bad = next(b for b in got if b.skipped)
+    assert len(bad) == bad.images.shape[0] == len(bad.labels) == 24
+
+
+def test_len_and_validation(labelled):
+    sched = EpochScheduler(len(labelled))
+    assert len(WindowLoader(labelled, sched, 4, num_steps=3, workers=0)) == 3
+    with pytest.raises(TypeError):
+        len(WindowLoader(labelled, sched, 4, workers=0))
+    with pytest.raises(ValueError):
+        WindowLoader(labelled, EpochScheduler(len(labelled) + 1), 4, workers=0)
+    with pytest.raises(ValueError):
+        WindowLoader(labelled, sched, 4, rank=2, world_size=2, workers=0)
+
+
+def test_eval_loader_in_order_with_center_crop(photos):
+    loader = EvalLoader(photos, batch_size=20, image_size=64, workers=2)
+    got = list(loader)
+    assert len(loader) == len(got) == 5
+    assert torch.cat([b.ids for b in got]).tolist() == list(range(len(photos)))
+    b = got[1]
+    for i in (0, 7):
+        img = decoded(photos, int(b.ids[i]))
+        ref = TF.center_crop(TF.resize(img, [73], antialias=True), [64, 64])    # 64·8/7 ≈ 73
+        assert (b.images[i].int() - ref.int()).abs().max() <= 1
+    small = next(iter(EvalLoader(photos, 4, image_size=32, workers=0)))   # < 64: no resize
+    assert torch.equal(small.images[0], TF.center_crop(decoded(photos, 0), [32, 32]))
+
+
+def test_augment_in_workers_is_deterministic(labelled):
+    from picstream.loader import PhotometricAugment
+    from picstream.loader.stream import _generator
+    sched = SlidingWindowScheduler(len(labelled), 40, 8, seed=1)
+    aug = PhotometricAugment()
+    kw = dict(image_size=16, num_steps=3, seed=7, multi_crop=[(8, 1)])
+    plain = batches(WindowLoader(labelled, sched, 5, workers=0, **kw))
+    augmented = batches(WindowLoader(labelled, sched, 5, workers=2, augment=aug, **kw))
+    for p, a in zip(plain, augmented):
+        assert a.images.dtype == torch.float32 and a.images.shape == (5, 3, 16, 16)
+        torch.testing.assert_close(a.images, aug(p.images, _generator(7, p.step, 0)))
+        torch.testing.assert_close(a.extra_crops[0], aug(p.extra_crops[0], _generator(7, p.step, 1)))
+
+
+def test_jpeg_size_matches_pillow(imagenet_sample_dir, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from picstream.loader.decode import jpeg_size
+    files = sorted(imagenet_sample_dir.iterdir())[:200]
+    for f in files:
+        data = f.read_bytes()
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    img = Image.open(files[0]).convert("RGB")
+    for fmt, kw in (("JPEG", dict(progressive=True)), ("JPEG", dict(exif=b"Exif\0\0" + b"\0" * 64))):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        assert jpeg_size(buf.getvalue()) == img.size
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    assert jpeg_size(buf.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None

@@ -1,0 +1,86 @@
+"""End-to-end training: resume after kill -9 is bit-identical, CLI errors, export/eval of a run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from picstream.checkpoint import list_checkpoints, load_checkpoint
+from picstream.evaluate import main as eval_main
+
+TINY = [
+    "model.arch=resnet18", "model.head_hidden=64", "model.feature_dim=16", "data.image_size=32",
+    "data.workers=1", "optim.batch_size=32", "optim.epochs=3", "optim.warmup_epochs=1",
+    "optim.base_lr=0.1", "optim.base_batch_size=32", "classifier.recent_k=128", "classifier.chunk_rows=32",
+    "schedule.window=128", "schedule.stride=32", "train.log_every=1", "train.checkpoint_every=5",
+    "train.keep_checkpoints=10",
+]
+
+
+def train_cmd(run_dir: Path, train_manifest: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "picstream.train", "--config", str(Path(__file__).parents[1] / "configs/demo.yaml"),
+            f"run.output_dir={run_dir}", f"data.train={train_manifest}", *TINY, *extra]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path, shapes_shards):
+    train, _ = shapes_shards  # 320 images → 10 steps/epoch, 60 steps
+    reference = tmp_path / "reference"
+    subprocess.run(train_cmd(reference, train, "optim.epochs=6"), check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, train, "optim.epochs=6"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list_checkpoints(killed / "checkpoints")) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it write past the checkpoint (rows, metrics) before the kill
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = list_checkpoints(killed / "checkpoints")
+    assert 2 <= len(kept) and load_checkpoint(kept[-1])["step"] < 60, "the kill came too late to test resume"
+    result = subprocess.run(train_cmd(killed, train, "optim.epochs=6"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr
+
+    assert losses(killed) == losses(reference)
+    final_ref = load_checkpoint(list_checkpoints(reference / "checkpoints")[-1])
+    final_kill = load_checkpoint(list_checkpoints(killed / "checkpoints")[-1])
+    for key, value in final_ref["model"].items():
+        assert torch.equal(value, final_kill["model"][key]), key
+    for key, value in final_ref["classifier"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, final_kill["classifier"][key]), key
+
+
+def test_bad_config_is_one_clear_error(tmp_path, shapes_shards):
+    train, _ = shapes_shards
+    result = subprocess.run(train_cmd(tmp_path / "r", train, "optim.batchsize=3"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "picstream-train: error: unknown config key 'optim.batchsize'; allowed here: batch_size, base_lr, "
+        "base_batch_size, momentum, weight_decay, epochs, warmup_epochs"]
+
+
+def test_run_exports_and_evaluates(tmp_path, shapes_shards):
+    train, val = shapes_shards
+    run_dir = tmp_path / "run"
+    subprocess.run(train_cmd(run_dir, train, "train.max_steps=6", "classifier.sampling=full"), check=True,
+                   capture_output=True, timeout=600)
+    config_saved = (run_dir / "config.yaml").read_text()
+    assert "sampling: full" in config_saved
+    ckpt = list_checkpoints(run_dir / "checkpoints")[-1]
+    out = tmp_path / "knn.json"
+    assert eval_main(["knn", "--checkpoint", str(ckpt), "--train", str(train), "--val", str(val),
+                      "--workers", "0", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "knn" and 0 <= result["top1"] <= 100 and result["top5"] >= result["top1"]
