@@ -35,10 +35,13 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     return final
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`; raises `ValueError` if it is not a valid one."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`; raises `ValueError` if it is not a valid one.
+
+    `mmap=True` maps the tensors instead of reading them (cheap when only metadata is needed).
+    """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zip, bad pickle, ...: all mean "not usable"
         raise ValueError(f"checkpoint {path} is unreadable: {err}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

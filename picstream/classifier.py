@@ -73,6 +73,10 @@ class RecentClassifier:
         return {"sampling": "recent", "generation": self.store.commit(),
                 "rows": self.rows.state_dict(), "log": self.log.state_dict()}
 
+    def forget_before(self, state: dict) -> None:
+        """No checkpoint older than ``state`` will be resumed: drop the store's older undo logs."""
+        self.store.prune(int(state["generation"]))
+
     def load_checkpoint_state(self, state: dict) -> None:
         self.store.restore(int(state["generation"]))
         self.log.load_state_dict(state["log"])
@@ -119,6 +123,9 @@ class FullClassifier:
         buf = self.optimizer.state.get(self.weight, {}).get("momentum_buffer")
         return {"sampling": "full", "weight": self.weight.detach().cpu(),
                 "momentum": torch.zeros_like(self.weight, device="cpu") if buf is None else buf.cpu()}
+
+    def forget_before(self, state: dict) -> None:
+        """Nothing to forget: the checkpoint holds every row."""
 
     def load_checkpoint_state(self, state: dict) -> None:
         with torch.no_grad():

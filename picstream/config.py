@@ -31,7 +31,6 @@ class DataConfig:
     workers: int = 4
     cache_dir: Optional[str] = None
     cache_gb: float = 20.0
-    multi_crop: Optional[list[list[int]]] = None
 
 
 @dataclass

@@ -48,8 +48,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="picstream-demo", description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--shards", type=Path, default=Path("shards"), help="where the demo shards go")
-    parser.add_argument("--train-per-class", type=int, default=300)
-    parser.add_argument("--val-per-class", type=int, default=100)
+    parser.add_argument("--train-per-class", type=int, default=60)
+    parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -61,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("[1/4] generating and sharding the demo corpus ...", flush=True)
     train, val = prepare_shards(args.shards, train_per_class=args.train_per_class,
                                 val_per_class=args.val_per_class, seed=config.run.seed,
-                                workers=config.data.workers)
+                                workers=max(1, config.data.workers))
     config.data.train = str(train)
 
     torch.manual_seed(config.run.seed)

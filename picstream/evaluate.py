@@ -44,10 +44,11 @@ def extract_features(backbone: nn.Module, shards: ShardSet, *, image_size: int, 
     return Features(torch.cat(feats), torch.cat(labels))
 
 
-def _topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def _topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """How many rows have their label first (top-1) and among the first five (top-5)."""
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
 
 
 def knn_classify(train: Features, val: Features, *, k: int = 200, temperature: float = 0.07,
@@ -58,17 +59,16 @@ def knn_classify(train: Features, val: Features, *, k: int = 200, temperature: f
     bank = F.normalize(train.features, dim=1)
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
     k = min(k, bank.shape[0])
-    top1 = top5 = 0.0
+    top1 = top5 = 0
     for start in range(0, val.features.shape[0], chunk):
         query = F.normalize(val.features[start:start + chunk], dim=1)
         sim, idx = (query @ bank.T).topk(k, dim=1)
         votes = torch.zeros(query.shape[0], num_classes)
         votes.scatter_add_(1, train.labels[idx], (sim / temperature).exp())
-        t1, t5 = _topk_accuracy(votes, val.labels[start:start + chunk])
-        top1 += t1 * query.shape[0]
-        top5 += t5 * query.shape[0]
+        t1, t5 = _topk_hits(votes, val.labels[start:start + chunk])
+        top1, top5 = top1 + t1, top5 + t5
     n = val.features.shape[0]
-    return {"top1": top1 / n, "top5": top5 / n, "k": k, "temperature": temperature}
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "k": k, "temperature": temperature}
 
 
 def linear_probe(train: Features, val: Features, *, epochs: int = 100, lr: float = 0.1,
@@ -100,8 +100,9 @@ def linear_probe(train: Features, val: Features, *, epochs: int = 100, lr: float
             optimizer.step()
             step += 1
     with torch.no_grad():
-        top1, top5 = _topk_accuracy(probe(x_val), val.labels)
-    return {"top1": top1, "top5": top5, "epochs": epochs, "lr": lr}
+        top1, top5 = _topk_hits(probe(x_val), val.labels)
+    n = x_val.shape[0]
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "epochs": epochs, "lr": lr}
 
 
 def backbone_from_checkpoint(path: Path) -> tuple[nn.Module, int]:

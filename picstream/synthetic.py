@@ -1,8 +1,8 @@
 """A procedurally generated labeled image corpus (shapes on clutter) for the demo and tests.
 
-The class is the shape; colours, position, size, rotation and background clutter are random and
-carry no class information, so features of a random network (which mostly see colour) classify it
-poorly while features that learned shape do well.
+The class is the shape; brightness, colour cast, position, size, rotation and background clutter
+are random and carry no class information. A bright shape on a dark background: to tell instances
+apart under crops and colour jitter a network has to see the shape, which is what k-NN then uses.
 """
 from __future__ import annotations
 
@@ -59,16 +59,17 @@ def render(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """One image of class `label` (an index into SHAPES)."""
     scale = 4  # draw large, then downsample: anti-aliased edges like a photo
     canvas = size * scale
-    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    tint = rng.uniform(0.6, 1.0, 3)  # a faint colour cast shared by the whole image
+    background = tuple(int(v) for v in rng.uniform(0, 90) * tint)
     image = Image.new("RGB", (canvas, canvas), background)
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 6))):  # clutter: random small blobs
+    for _ in range(int(rng.integers(2, 6))):  # clutter: small blobs
         x, y = rng.uniform(0, canvas, 2)
-        r = rng.uniform(canvas * 0.03, canvas * 0.1)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    radius = rng.uniform(canvas * 0.22, canvas * 0.36)
+        r = rng.uniform(canvas * 0.03, canvas * 0.08)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.uniform(60, 200) * tint))
+    radius = rng.uniform(canvas * 0.25, canvas * 0.38)
     center = tuple(rng.uniform(radius, canvas - radius, 2))
-    color = tuple(int(v) for v in (np.array(background) + rng.integers(80, 176, 3)) % 256)
+    color = tuple(int(v) for v in rng.uniform(170, 255) * tint)
     _draw_shape(draw, SHAPES[label], center, radius, rng.uniform(0, 2 * math.pi), color,
                 width=max(2, int(radius * 0.3)))
     image = image.resize((size, size), Image.Resampling.BOX)

@@ -121,7 +121,11 @@ class Trainer:
             "num_instances": self.num_instances,
         }
         path = save_checkpoint(self.ckpt_dir, step, state)
-        prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)
+        oldest_kept = prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)[0]
+        try:
+            self.classifier.forget_before(load_checkpoint(oldest_kept, mmap=True)["classifier"])
+        except ValueError as err:  # unreadable: keep every undo log rather than lose a resume point
+            self._say(f"not pruning row-store history: {err}")
         return path
 
     # ------------------------------------------------------------------ the step

@@ -1,7 +1,9 @@
 """Learning quality on real images: PIC through the row store beats random init; cosine beats plain.
 
-CIFAR-10 subset (from ../shared/data), ResNet-18 with the ImageNet stem at 32 px (the CIFAR stem is
-~10x slower on CPU). Budgets are sized for CI on 2 cores.
+CIFAR-10 from ../shared/data, ResNet-18 with the ImageNet stem at 32 px (the CIFAR stem is ~10x
+slower on CPU). PIC needs many visits per instance, so the CI budget (30k samples, ~4 min on 2
+cores) pre-trains on 500 images for 60 epochs through the row store (K = 256 < N) and evaluates
+k-NN with a 3000-image bank on 1000 test images. Measured: random init 28.3, PIC cosine 37.7.
 """
 import os
 
@@ -14,12 +16,12 @@ from picstream.model import PICNet
 from picstream.shards import ShardSet, make_shards
 from picstream.train import Trainer
 
-TRAIN_PER_CLASS, TEST_PER_CLASS = 300, 100
+PRETRAIN_PER_CLASS, BANK_PER_CLASS, TEST_PER_CLASS = 50, 300, 100
 BUDGET = [
-    "model.arch=resnet18", "model.head_hidden=512", "data.image_size=32", "data.workers=1",
-    "optim.batch_size=128", "optim.base_lr=0.06", "optim.base_batch_size=32", "optim.epochs=12",
-    "optim.warmup_epochs=1", "classifier.recent_k=1024", "classifier.chunk_rows=256",
-    "schedule.window=1024", "schedule.stride=256", "train.log_every=10", "train.checkpoint_every=100000",
+    "model.arch=resnet18", "model.head_hidden=512", "data.image_size=32", "data.workers=0",
+    "augment.blur_p=0", "optim.batch_size=128", "optim.base_lr=0.24", "optim.base_batch_size=128",
+    "optim.epochs=60", "optim.warmup_epochs=1", "classifier.recent_k=256", "classifier.chunk_rows=64",
+    "schedule.window=256", "schedule.stride=64", "train.log_every=10", "train.checkpoint_every=100000",
 ]
 
 
@@ -35,22 +37,23 @@ def subset(src, dst, per_class):
 def cifar_shards(cifar10_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar-shards")
     out = {}
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        make_shards(str(subset(cifar10_dir / split, root / "src" / split, per_class)), str(root / split),
+    for name, split, per_class in (("pretrain", "train", PRETRAIN_PER_CLASS), ("bank", "train", BANK_PER_CLASS),
+                                   ("test", "test", TEST_PER_CLASS)):
+        make_shards(str(subset(cifar10_dir / split, root / "src" / name, per_class)), str(root / name),
                     shard_size=512, seed=0, progress=False)
-        out[split] = root / split / "manifest.json"
+        out[name] = root / name / "manifest.json"
     return out
 
 
 def knn_top1(backbone, shards):
-    kwargs = dict(image_size=32, workers=1)
-    train = extract_features(backbone, ShardSet.open(str(shards["train"])), **kwargs)
+    kwargs = dict(image_size=32, workers=0)
+    train = extract_features(backbone, ShardSet.open(str(shards["bank"])), **kwargs)
     test = extract_features(backbone, ShardSet.open(str(shards["test"])), **kwargs)
     return knn_classify(train, test, k=200, temperature=0.07)["top1"]
 
 
 def train_and_eval(tmp_path, shards, *extra):
-    config = load_config(None, BUDGET + [f"data.train={shards['train']}", f"run.output_dir={tmp_path}", *extra])
+    config = load_config(None, BUDGET + [f"data.train={shards['pretrain']}", f"run.output_dir={tmp_path}", *extra])
     trainer = Trainer(config, show_progress=False)
     trainer.run()
     return knn_top1(trainer.model.backbone, shards), config

@@ -75,9 +75,9 @@ class RecentRows:
         w, u, last = self.store.read(new_ids)
         w, u = self.log.advance(w, u, last, self.correction)
         idx = torch.from_numpy(free).to(self.device)
-        self.weight[idx] = torch.from_numpy(w).to(self.device, non_blocking=True)
-        self.momentum[idx] = torch.from_numpy(u).to(self.device, non_blocking=True)
-        self.valid[idx] = True
+        self.weight.index_copy_(0, idx, torch.from_numpy(w).to(self.device, non_blocking=True))
+        self.momentum.index_copy_(0, idx, torch.from_numpy(u).to(self.device, non_blocking=True))
+        self.valid.index_fill_(0, idx, True)
         self.slot_ids[free] = new_ids
         self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
         return free

@@ -8,10 +8,16 @@ Layout of a store (a zarr v3 group at any local path or fsspec URL)::
     undo/<g>/  weight, momentum, last_step, saved   pre-images of the chunks first written in generation g
 
 Untouched chunks are never stored, so an N = 1e9 store costs nothing until rows are written. Chunks move
-whole, as raw chunk objects of the zarr store (uncompressed little-endian bytes, edge chunks padded with
-the fill value): plain file I/O on a local store, the zarr store's key API elsewhere; zarr itself only
-creates the arrays and reads the flags. A pre-image is the chunk object as it is (absent = fill, nothing
-read or written; on a local store a hard link, as every chunk write replaces its file atomically).
+whole, as the zarr store's raw chunk objects (uncompressed little-endian bytes, edge chunks padded with
+the fill value): plain file I/O on a local store, the store's key API elsewhere; zarr itself creates the
+arrays and reads the flags. A pre-image is the chunk object as it is: an absent chunk needs no read and
+no write; on a local store a present one is a hard link, and a chunk file shared with a link is never
+written in place (it is replaced), so the pre-image keeps its bytes.
+
+Invariants: a cached block is the newest copy of its rows (read-your-writes); a chunk is written by one
+thread at a time (the cache lock); before a chunk is first written in a generation its pre-image is in the
+undo log and then its flag is set, so ``restore`` is exact after a kill at any point; host memory is
+``cache_rows`` rows, independent of N.
 """
 from __future__ import annotations
 
@@ -19,7 +25,6 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import zarr
@@ -52,9 +57,6 @@ class _StoreChunks:
     def write(self, key: str, data: np.ndarray) -> None:
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes())))
 
-    def delete(self, key: str) -> None:
-        sync(self.store.delete(key))
-
     def copy(self, src: str, dst: str) -> None:
         """Make ``dst`` what ``src`` is now (absent included)."""
         buf = sync(self.store.get(src, prototype=default_buffer_prototype()))
@@ -62,8 +64,8 @@ class _StoreChunks:
 
 
 class _LocalChunks(_StoreChunks):
-    """Chunk files of a local store: plain file I/O; every write replaces the file atomically (new inode),
-    so a hard link keeps a chunk's earlier bytes."""
+    """Chunk files of a local store. A copy is a hard link; a write goes in place into a file of its own
+    and replaces a file that has other links (or is absent) by a new one."""
 
     def __init__(self, store: LocalStore):
         super().__init__(store)
@@ -81,34 +83,34 @@ class _LocalChunks(_StoreChunks):
             return False
         return True
 
-    def _replace(self, key: str, fill) -> None:
-        path = self._path(key)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+    def write(self, key: str, data: np.ndarray) -> None:
+        path, view = self._path(key), memoryview(np.ascontiguousarray(data)).cast("B")
         try:
-            fill(tmp)
+            with open(path, "r+b", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                if st.st_nlink == 1 and st.st_size == view.nbytes:
+                    f.write(view)
+                    return
+        except FileNotFoundError:
+            pass
+        _unlink(path)
+        try:
+            f = open(path, "xb", buffering=0)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fill(tmp)
-        os.replace(tmp, path)
-
-    def write(self, key: str, data: np.ndarray) -> None:
-        def fill(tmp):
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-        self._replace(key, fill)
-
-    def delete(self, key: str) -> None:
-        _unlink(self._path(key))
+            f = open(path, "xb", buffering=0)
+        with f:
+            f.write(view)
 
     def copy(self, src: str, dst: str) -> None:
-        if not os.path.exists(self._path(src)):
-            self.delete(dst)
-            return
-
-        def fill(tmp):
-            _unlink(tmp)  # left by a killed process with the same pid
-            os.link(self._path(src), tmp)
-        self._replace(dst, fill)
+        src, dst = self._path(src), self._path(dst)
+        _unlink(dst)
+        try:
+            os.link(src, dst)
+        except FileNotFoundError:
+            if os.path.exists(src):  # dst's folder is new
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.link(src, dst)
 
 
 def _unlink(path: str) -> None:
@@ -116,15 +118,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-@dataclass
-class _Block:
-    """One chunk of rows in host memory, in the on-disk representation (last_step −1 = untouched)."""
-    w: np.ndarray
-    u: np.ndarray
-    last: np.ndarray
-    dirty: bool = False
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
@@ -142,7 +135,11 @@ def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dt
 
 
 class RowStore:
-    """Rows of an N×D classifier with their SGD momentum, on disk, with a bounded host LRU cache."""
+    """Rows of an N×D classifier with their SGD momentum, on disk, with a bounded host LRU cache.
+
+    The cache is a pool of ``cache_blocks`` slots, each one whole chunk; a read or write gathers or
+    scatters all its rows in one indexing operation over the pool.
+    """
 
     def __init__(self, root: zarr.Group, cache_rows: int | None = None):
         attrs = root.attrs
@@ -155,7 +152,7 @@ class RowStore:
         self.chunk_rows = int(attrs["chunk_rows"])
         self.generation = int(attrs["generation"])
         arrays = [root[name] for name in _ARRAYS]
-        if any(a.metadata.codecs != arrays[0].metadata.codecs or a.compressors for a in arrays):
+        if any(a.compressors or a.metadata.codecs != arrays[0].metadata.codecs for a in arrays):
             raise ValueError("row arrays must be uncompressed")
         self._encode_key = arrays[0].metadata.chunk_key_encoding.encode_chunk_key
         self._chunks = (_LocalChunks if isinstance(root.store, LocalStore) else _StoreChunks)(root.store)
@@ -164,8 +161,16 @@ class RowStore:
         self.num_chunks = -(-self.num_rows // self.chunk_rows)
         cache_rows = cache_rows or 2**17 + 2**14
         self.cache_blocks = max(1, -(-cache_rows // self.chunk_rows))
-        self._blocks: OrderedDict[int, _Block] = OrderedDict()
-        self._inflight: set[int] = set()
+        slots, r, d = min(self.cache_blocks, self.num_chunks), self.chunk_rows, self.dim
+        # np.zeros: pages are committed when a slot is first used
+        self._pool = (np.zeros((slots, r, d), self.dtype), np.zeros((slots, r, d), self.dtype),
+                      np.zeros((slots, r), np.int64))
+        self._flat = (self._pool[0].reshape(-1, d), self._pool[1].reshape(-1, d), self._pool[2].reshape(-1))
+        self._dirty = np.zeros(slots, bool)
+        self._free = list(range(slots))[::-1]
+        self._blocks: OrderedDict[int, int] = OrderedDict()  # chunk -> slot, least recent first
+        self._inflight: dict[int, int] = {}  # chunk -> slot being loaded by the prefetch thread
+        self._pinned: set[int] = set()  # chunks the current read/write needs resident
         self._cond = threading.Condition(threading.RLock())
         self._executor: ThreadPoolExecutor | None = None
         self._saved = self._saved_chunks(self.generation)
@@ -196,14 +201,11 @@ class RowStore:
     def _undo_base(self, g: int) -> str:
         return f"{self._prefix}undo/{g}/"
 
-    def _load(self, c: int) -> _Block:
-        """Chunk ``c`` as a whole (edge chunks padded); an absent chunk reads as the fill values."""
-        blk = _Block(np.empty((self.chunk_rows, self.dim), self.dtype),
-                     np.empty((self.chunk_rows, self.dim), self.dtype), np.empty(self.chunk_rows, np.int64))
-        for name, arr, fill in zip(_ARRAYS, (blk.w, blk.u, blk.last), (0, 0, -1)):
-            if not self._chunks.read_into(self._key(self._prefix, name, c), arr):
-                arr.fill(fill)
-        return blk
+    def _load(self, c: int, slot: int) -> None:
+        """Chunk ``c`` into pool slot ``slot`` (edge chunks padded); an absent chunk reads as the fill."""
+        for name, pool, fill in zip(_ARRAYS, self._pool, (0, 0, -1)):
+            if not self._chunks.read_into(self._key(self._prefix, name, c), pool[slot]):
+                pool[slot].fill(fill)
 
     def _undo_group(self, g: int) -> zarr.Group:
         undo = self._root.require_group("undo")
@@ -226,8 +228,8 @@ class RowStore:
             return np.zeros(self.num_chunks, np.uint8)
         return self._root["undo"][str(g)]["saved"][:]
 
-    def _store_block(self, c: int, blk: _Block) -> None:
-        """Write a block as whole chunks, saving the chunk's pre-image first in this generation."""
+    def _store_block(self, c: int, slot: int) -> None:
+        """Write a cached block as whole chunks, saving the chunk's pre-image first in this generation."""
         if not self._saved[c]:
             if not self._saved.any():
                 self._undo_group(self.generation)
@@ -240,39 +242,70 @@ class RowStore:
             part = self._saved[f * _FLAG_CHUNK:(f + 1) * _FLAG_CHUNK]
             flags[:part.size] = part
             self._chunks.write(self._key(undo, "saved", f), flags)
-        for name, arr in zip(_ARRAYS, (blk.w, blk.u, blk.last)):
-            self._chunks.write(self._key(self._prefix, name, c), arr)
-        blk.dirty = False
+        for name, pool in zip(_ARRAYS, self._pool):
+            self._chunks.write(self._key(self._prefix, name, c), pool[slot])
+        self._dirty[slot] = False
 
     # ---------------------------------------------------------------- cache
-    def _insert(self, c: int, blk: _Block) -> None:
-        self._blocks[c] = blk
-        while len(self._blocks) > self.cache_blocks:
-            old, victim = self._blocks.popitem(last=False)
-            if victim.dirty:
-                self._store_block(old, victim)
-
-    def _block(self, c: int) -> _Block:
-        """The cached block of chunk ``c`` (loading it, or waiting for its prefetch). Lock held."""
-        while c in self._inflight:
-            self._cond.wait()
-        blk = self._blocks.get(c)
-        if blk is None:
-            blk = self._load(c)
-            self._insert(c, blk)
+    def _alloc(self) -> int | None:
+        """A free slot, evicting the least recently used unpinned block (written if dirty), or None
+        when every slot is pinned or being prefetched. Lock held."""
+        if self._free:
+            return self._free.pop()
+        for c, slot in self._blocks.items():
+            if c not in self._pinned:
+                break
         else:
-            self._blocks.move_to_end(c)
-        return blk
+            return None
+        if self._dirty[slot]:
+            self._store_block(c, slot)
+        del self._blocks[c]
+        return slot
 
-    def _by_chunk(self, ids: np.ndarray):
-        """Yield ``(chunk, positions in ids, row offsets in the chunk)``."""
+    def _block(self, c: int) -> int:
+        """The slot of chunk ``c`` (loading it, or waiting for its prefetch). Lock held."""
+        while True:
+            while c in self._inflight:
+                self._cond.wait()
+            slot = self._blocks.get(c)
+            if slot is not None:
+                self._blocks.move_to_end(c)
+                return slot
+            slot = self._alloc()
+            if slot is not None:
+                break
+            if not self._inflight:
+                raise RuntimeError("every cache slot is pinned")
+            self._cond.wait()  # the unpinned slots are all being prefetched
+        try:
+            self._load(c, slot)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        self._blocks[c] = slot
+        return slot
+
+    def _resident(self, ids: np.ndarray):
+        """Yield ``(positions in ids, flat pool rows)``, a group of at most one pool of chunks at a
+        time, each group's chunks pinned in the cache while the caller uses it. Lock held."""
         chunks = ids // self.chunk_rows
-        order = np.argsort(chunks, kind="stable")
-        bounds = np.flatnonzero(np.diff(chunks[order])) + 1
-        for pos in np.split(order, bounds):
-            if pos.size:
-                c = int(chunks[pos[0]])
-                yield c, pos, ids[pos] - c * self.chunk_rows
+        uniq, inv = np.unique(chunks, return_inverse=True)
+        offsets = ids - chunks * self.chunk_rows
+        size = len(self._dirty)
+        for lo in range(0, uniq.size, size):
+            group = uniq[lo:lo + size].tolist()
+            slots = np.empty(len(group), np.int64)
+            try:
+                for j, c in enumerate(group):
+                    self._pinned.add(c)
+                    slots[j] = self._block(c)
+                if uniq.size <= size:
+                    yield slice(None), slots[inv] * self.chunk_rows + offsets
+                else:
+                    pos = np.flatnonzero((inv >= lo) & (inv < lo + size))
+                    yield pos, slots[inv[pos] - lo] * self.chunk_rows + offsets[pos]
+            finally:
+                self._pinned.difference_update(group)
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -287,9 +320,8 @@ class RowStore:
         u = np.empty_like(w)
         last = np.empty(ids.size, np.int64)
         with self._cond:
-            for c, pos, off in self._by_chunk(ids):
-                blk = self._block(c)
-                w[pos], u[pos], last[pos] = blk.w[off], blk.u[off], blk.last[off]
+            for pos, rows in self._resident(ids):
+                w[pos], u[pos], last[pos] = (flat[rows] for flat in self._flat)
         fresh = last < 0
         if fresh.any():
             w[fresh] = init_rows(self.seed, ids[fresh], self.dim, self.dtype)
@@ -302,10 +334,10 @@ class RowStore:
         ids = self._check_ids(ids)
         last_step = np.broadcast_to(np.asarray(last_step, dtype=np.int64), ids.shape)
         with self._cond:
-            for c, pos, off in self._by_chunk(ids):
-                blk = self._block(c)
-                blk.w[off], blk.u[off], blk.last[off] = w[pos], u[pos], last_step[pos]
-                blk.dirty = True
+            for pos, rows in self._resident(ids):
+                for flat, values in zip(self._flat, (w, u, last_step)):
+                    flat[rows] = values[pos]
+                self._dirty[rows // self.chunk_rows] = True
 
     def prefetch(self, start: int, stop: int) -> None:
         """Load the chunks of rows ``[start, stop)`` (taken mod N) in a background thread."""
@@ -313,21 +345,28 @@ class RowStore:
         chunks = np.unique(rows // self.chunk_rows)
         if self._executor is None:  # created lazily: the process may fork loader workers first
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rowstore")
-        for c in chunks[: self.cache_blocks].tolist():
+        for c in chunks[: len(self._dirty)].tolist():
             self._executor.submit(self._prefetch_chunk, c)
 
     def _prefetch_chunk(self, c: int) -> None:
         with self._cond:
             if c in self._blocks or c in self._inflight:
                 return
-            self._inflight.add(c)
+            slot = self._alloc()
+            if slot is None:
+                return
+            self._inflight[c] = slot
+        loaded = False
         try:
-            blk = self._load(c)  # not cached and not in flight: nobody writes this chunk meanwhile
+            self._load(c, slot)  # a reserved slot: nobody else touches it meanwhile
+            loaded = True
         finally:
             with self._cond:
-                self._inflight.discard(c)
-                if c not in self._blocks:
-                    self._insert(c, blk)
+                del self._inflight[c]
+                if loaded:
+                    self._blocks[c] = slot
+                else:
+                    self._free.append(slot)
                 self._cond.notify_all()
 
     def _drain(self) -> None:
@@ -339,9 +378,9 @@ class RowStore:
     def flush(self) -> None:
         """Write every dirty block to zarr."""
         with self._cond:
-            for c, blk in self._blocks.items():
-                if blk.dirty:
-                    self._store_block(c, blk)
+            for c, slot in self._blocks.items():
+                if self._dirty[slot]:
+                    self._store_block(c, slot)
 
     def commit(self) -> int:
         """Flush and start a new generation; returns it (a checkpoint records this number)."""
@@ -363,6 +402,8 @@ class RowStore:
             if generation > self.generation:
                 raise ValueError(f"generation {generation} is newer than the store's {self.generation}")
             self._blocks.clear()
+            self._dirty[:] = False
+            self._free = list(range(len(self._dirty)))[::-1]
             gens = [g for g in self._generations() if g >= generation][::-1]
             for g in gens:
                 undo = self._undo_base(g)
