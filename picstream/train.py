@@ -31,12 +31,11 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def build_scheduler(config: Config, num_instances: int):
-    seed = config.run.seed
+    """The visiting order (a window larger than the corpus is clamped to it by the scheduler)."""
     if config.schedule.scheduler == "epoch":
-        return EpochScheduler(num_instances, seed)
-    window = min(config.schedule.window, num_instances)
-    stride = min(config.schedule.stride, window)
-    return SlidingWindowScheduler(num_instances, window, stride, seed)
+        return EpochScheduler(num_instances, config.run.seed)
+    return SlidingWindowScheduler(num_instances, config.schedule.window, config.schedule.stride,
+                                  config.run.seed)
 
 
 class Trainer:
@@ -197,6 +196,7 @@ class Trainer:
                 if done % config.train.checkpoint_every == 0 or done == self.total_steps:
                     self.save_checkpoint(done)
         finally:
+            loader.close()
             metrics.close()
         return last
 
@@ -207,11 +207,8 @@ class Trainer:
         if first % window >= self.global_batch:
             return
         k = first // window + 1
-        start = (k * stride + window - stride) % self.num_instances
-        stop = start + stride
-        self.classifier.prefetch(start, min(stop, self.num_instances))
-        if stop > self.num_instances:
-            self.classifier.prefetch(0, stop - self.num_instances)
+        start = k * stride + window - stride  # the rows window k adds; the store wraps mod N
+        self.classifier.prefetch(start, start + stride)
 
     def knn_monitor(self) -> dict[str, float]:
         mon = self.config.monitor
