@@ -98,11 +98,7 @@ def run_one(args) -> dict:
             if step == warm:
                 sync(device)
                 start = time.perf_counter()
-            prefetch_next_stride(clf, step, args)
-            z = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_()
-            logits, targets = clf.logits(z, ids_of(step))
-            F.cross_entropy(logits, targets).backward()
-            clf.step(0.05)
+            classifier_step(clf, step, ids_of, gen, args, device)
         sync(device)
         ms = (time.perf_counter() - start) / args.steps * 1e3
         return {"ms_per_step": ms, "peak_bytes": peak_bytes(device), "state_bytes": clf.device_bytes()}
@@ -117,19 +113,33 @@ def spawn(args, mode: str) -> dict:
     return json.loads(subprocess.check_output(cmd).decode().strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized: N = 131072, K = 8192, few steps")
-    p.add_argument("--num-rows", type=int, default=1_281_167)
+def classifier_step(clf, step: int, ids_of, gen: torch.Generator, args, device) -> None:
+    """One classifier-path step on random features: prefetch, logits, backward, SGD."""
+    prefetch_next_stride(clf, step, args)
+    z = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_()
+    logits, targets = clf.logits(z, ids_of(step))
+    F.cross_entropy(logits, targets).backward()
+    clf.step(0.05)
+
+
+def add_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The classifier-path shape options shared with store_memory.py (paper defaults)."""
     p.add_argument("--capacity", type=int, default=65536)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--window", type=int, default=131072)
     p.add_argument("--stride", type=int, default=16384)
     p.add_argument("--chunk-rows", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs only)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized: N = 131072, K = 8192, few steps")
+    p.add_argument("--num-rows", type=int, default=1_281_167)
+    add_shape_args(p, steps=20)
     p.add_argument("--throughput-only", action="store_true", help="only the row store throughput")
     p.add_argument("--one", choices=("recent", "full", "throughput"), help=argparse.SUPPRESS)
     args = p.parse_args()

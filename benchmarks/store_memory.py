@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from classifier_step import peak_bytes, prefetch_next_stride, stream, sync
+from classifier_step import add_shape_args, classifier_step, peak_bytes, stream, sync
 from picstream.classifier import build_classifier
 from picstream.rowstore import RowStore
 
@@ -36,11 +35,7 @@ def run_one(args) -> dict:
                                device=device)
         ids_of, gen = stream(args), torch.Generator().manual_seed(0)
         for step in range(args.steps):
-            prefetch_next_stride(clf, step, args)
-            z = torch.randn(args.batch, args.dim, generator=gen).to(device).requires_grad_()
-            logits, targets = clf.logits(z, ids_of(step))
-            F.cross_entropy(logits, targets).backward()
-            clf.step(0.05)
+            classifier_step(clf, step, ids_of, gen, args, device)
         sync(device)
         clf.close()
         return {"peak_bytes": peak_bytes(device), "state_bytes": clf.device_bytes()}
@@ -69,15 +64,7 @@ def disk_growth(touched: list[int], dim: int, chunk_rows: int) -> list[tuple[int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized: K = 4096, W = 8192, 10 steps")
-    p.add_argument("--capacity", type=int, default=65536)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--window", type=int, default=131072)
-    p.add_argument("--stride", type=int, default=16384)
-    p.add_argument("--chunk-rows", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs only)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shape_args(p, steps=300)
     p.add_argument("--num-rows", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

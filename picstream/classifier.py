@@ -14,7 +14,6 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .rowstore import RecentRows, RowStore, TransitionLog, init_rows
 

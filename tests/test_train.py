@@ -1,6 +1,5 @@
 """End-to-end training: resume after kill -9 is bit-identical, CLI errors, export/eval of a run."""
 import json
-import os
 import signal
 import subprocess
 import sys
