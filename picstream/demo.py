@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import latest_valid_checkpoint
 from .config import ConfigError, load_config
-from .evaluate import extract_features, knn_classify
+from .evaluate import backbone_from_checkpoint, extract_splits, knn_classify
 from .export import backbone_state_dict, write_export
 from .model import PICNet
 from .shards import ShardSet, make_shards
@@ -39,9 +39,7 @@ def prepare_shards(root: Path, *, train_per_class: int, val_per_class: int, seed
 
 
 def knn_top1(backbone: torch.nn.Module, train: Path, val: Path, image_size: int, workers: int) -> float:
-    kwargs = dict(image_size=image_size, workers=workers)
-    return knn_classify(extract_features(backbone, ShardSet.open(str(train)), **kwargs),
-                        extract_features(backbone, ShardSet.open(str(val)), **kwargs))["top1"]
+    return knn_classify(*extract_splits(backbone, train, val, image_size=image_size, workers=workers))["top1"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -76,8 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[3/4] exported the backbone of {path.name} to {export}", flush=True)
 
     print("[4/4] k-NN evaluation on the held-out split ...", flush=True)
-    trained_backbone = PICNet(config.model).backbone
-    trained_backbone.load_state_dict(backbone_state_dict(checkpoint))
+    trained_backbone, _ = backbone_from_checkpoint(path)
     size, workers = config.data.image_size, config.data.workers
     result = {
         "knn_top1_random_init": knn_top1(random_backbone, train, val, size, workers),

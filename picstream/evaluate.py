@@ -44,6 +44,12 @@ def extract_features(backbone: nn.Module, shards: ShardSet, *, image_size: int, 
     return Features(torch.cat(feats), torch.cat(labels))
 
 
+def extract_splits(backbone: nn.Module, train: str, val: str, **kwargs) -> tuple[Features, Features]:
+    """Features of a train and a val shard set (paths or URLs); kwargs go to `extract_features`."""
+    return (extract_features(backbone, ShardSet.open(str(train)), **kwargs),
+            extract_features(backbone, ShardSet.open(str(val)), **kwargs))
+
+
 def _topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """How many rows have their label first (top-1) and among the first five (top-5)."""
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
@@ -146,8 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         backbone.to(device)
         kwargs = dict(image_size=args.image_size or image_size, batch_size=args.batch_size,
                       workers=args.workers, device=device)
-        train = extract_features(backbone, ShardSet.open(args.train), **kwargs)
-        val = extract_features(backbone, ShardSet.open(args.val), **kwargs)
+        train, val = extract_splits(backbone, args.train, args.val, **kwargs)
         if args.protocol == "knn":
             result = knn_classify(train, val, k=args.k, temperature=args.temperature)
         else:

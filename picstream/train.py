@@ -16,7 +16,7 @@ from .checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoi
 from .classifier import build_classifier
 from .config import Config, ConfigError, load_config
 from .device import resolve_device
-from .evaluate import extract_features, knn_classify
+from .evaluate import extract_splits, knn_classify
 from .loader import PhotometricAugment, WindowLoader
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
@@ -214,10 +214,9 @@ class Trainer:
         mon = self.config.monitor
         if not (mon.knn_train and mon.knn_val):
             raise ConfigError("monitor.every_steps needs monitor.knn_train and monitor.knn_val")
-        kwargs = dict(image_size=self.config.data.image_size, workers=self.config.data.workers,
-                      device=self.device)
-        train = extract_features(self.model.backbone, ShardSet.open(mon.knn_train), **kwargs)
-        val = extract_features(self.model.backbone, ShardSet.open(mon.knn_val), **kwargs)
+        train, val = extract_splits(self.model.backbone, mon.knn_train, mon.knn_val,
+                                    image_size=self.config.data.image_size,
+                                    workers=self.config.data.workers, device=self.device)
         return knn_classify(train, val, k=mon.k, temperature=mon.temperature)
 
     def _device_memory_mb(self) -> float:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from picstream.config import load_config
-from picstream.evaluate import extract_features, knn_classify
+from picstream.evaluate import extract_splits, knn_classify
 from picstream.model import PICNet
-from picstream.shards import ShardSet, make_shards
+from picstream.shards import make_shards
 from picstream.train import Trainer
 
 PRETRAIN_PER_CLASS, BANK_PER_CLASS, TEST_PER_CLASS = 25, 300, 100
@@ -47,9 +47,7 @@ def cifar_shards(cifar10_dir, tmp_path_factory):
 
 
 def knn_top1(backbone, shards):
-    kwargs = dict(image_size=32, workers=0)
-    train = extract_features(backbone, ShardSet.open(str(shards["bank"])), **kwargs)
-    test = extract_features(backbone, ShardSet.open(str(shards["test"])), **kwargs)
+    train, test = extract_splits(backbone, shards["bank"], shards["test"], image_size=32, workers=0)
     return knn_classify(train, test, k=200, temperature=0.07)["top1"]
 
 
