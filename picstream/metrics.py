@@ -50,25 +50,25 @@ class MetricsLogger:
         record = {"step": step, **record,
                   "images_per_s": (step + 1 - self._last_step) * images_per_step / elapsed}
         self._last_time, self._last_step = now, step + 1
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, step)
+        self._write(record)
         self._bar.n = step + 1
         self._bar.set_postfix_str(_progress_text(record), refresh=True)
         return record
 
     def event(self, step: int, record: dict[str, Any]) -> None:
         """A record outside the regular cadence (e.g. a k-NN evaluation)."""
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        record = {"step": step, **record}
+        self._write(record)
+        self._bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """One JSONL line, and every numeric field as a TensorBoard scalar at the record's step."""
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, step)
-        self._bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in {"step": step, **record}.items()))
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self._bar.close()
