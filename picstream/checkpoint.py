@@ -1,12 +1,17 @@
 """Atomic, verifiable training checkpoints (`torch.load(weights_only=True)` safe)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from .iopoints import point
+from .rowstore.storage import about, fsync_path
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 FORMAT = "picstream-checkpoint-1"
@@ -17,22 +22,36 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write `state` to `ckpt-<step>.pt` via a temp file, fsync and rename (never a torn file)."""
+    """Write `state` to `ckpt-<step>.pt` via a temp file, fsync and rename (never a torn file; a
+    failed write, e.g. a full disk, removes its temp file)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = final.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save({"format": FORMAT, "step": step, **state}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with about(str(tmp)):
+        try:
+            point("create", str(tmp))
+            with open(tmp, "wb") as fh:
+                torch.save({"format": FORMAT, "step": step, **state}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            point("rename", str(final))
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    fsync_path(str(directory))
     return final
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that a killed process left behind."""
+    directory = Path(directory)
+    stale = [p for p in directory.glob("ckpt-*.tmp*")] if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -72,5 +91,23 @@ def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; returns the ones kept."""
     found = list_checkpoints(directory)
     for path in found[:-keep]:
+        point("unlink", str(path))
         path.unlink(missing_ok=True)
     return found[-keep:]
+
+
+def retire_newer(directory: Path, step: int) -> list[Path]:
+    """Move the checkpoints newer than `step` into `retired-<time>/` beside them (kept, never
+    deleted, and out of `--resume auto`'s reach); returns their new paths."""
+    newer = [p for p in list_checkpoints(directory) if int(_NAME.match(p.name).group(1)) > step]
+    if not newer:
+        return []
+    aside = Path(directory) / time.strftime("retired-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for path in newer:
+        point("rename", str(aside / path.name))
+        os.replace(path, aside / path.name)
+        moved.append(aside / path.name)
+    fsync_path(str(directory))
+    return moved

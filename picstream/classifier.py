@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .rowstore import RecentRows, RowStore, TransitionLog, init_rows
+from .rowstore import RecentRows, RowStore, StoreError, StoreNotFound, TransitionLog, init_rows
 
 NORM_EPS = 1e-6
 
@@ -37,8 +37,9 @@ class RecentClassifier:
     """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`."""
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
-                 momentum: float, weight_decay: float, correction: str, device, dtype):
+                 momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None):
         self.store, self.loss, self.temperature = store, loss, temperature
+        self.store_url = store_url
         self.log = TransitionLog(momentum, weight_decay)
         self.rows = RecentRows(store, self.log, capacity, device, dtype, correction)
         self._leaf: torch.Tensor | None = None
@@ -68,8 +69,8 @@ class RecentClassifier:
         self.store.prefetch(start, stop)
 
     def checkpoint_state(self) -> dict:
-        """Device rows, transition log and the store generation just committed."""
-        return {"sampling": "recent", "generation": self.store.commit(),
+        """Device rows, transition log, and the store's identity and generation just committed."""
+        return {"sampling": "recent", "store_id": self.store.store_id, "generation": self.store.commit(),
                 "rows": self.rows.state_dict(), "log": self.log.state_dict()}
 
     def forget_before(self, state: dict) -> None:
@@ -77,6 +78,10 @@ class RecentClassifier:
         self.store.prune(int(state["generation"]))
 
     def load_checkpoint_state(self, state: dict) -> None:
+        """Return the store to the checkpoint's generation (refused when it is another store)."""
+        if state.get("store_id") != self.store.store_id:
+            raise StoreError(f"row store {self.store_url} (id {self.store.store_id}) is not the one the "
+                             f"checkpoint was saved with (id {state.get('store_id')})")
         self.store.restore(int(state["generation"]))
         self.log.load_state_dict(state["log"])
         self.rows.load_state_dict(state["rows"])
@@ -146,11 +151,14 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                      weight_decay: float = 1e-4, correction: str = "exact", store_url: str | None = None,
                      storage_options: dict | None = None, seed: int = 0, chunk_rows: int = 4096,
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
-                     device="cpu"):
+                     device="cpu", fresh: bool = False, run_id: str | None = None,
+                     durable: bool = False):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
-    ``store_url`` (opened if it exists, else created; a temporary folder when None).
+    ``store_url`` (opened if it exists, else created for ``run_id``; a temporary folder when None).
+    ``fresh=True`` starts from initial rows: an existing store of the same ``run_id`` is replaced, one
+    of another run is refused. ``durable`` makes store commits survive a power loss.
     ``sampling='full'`` is the dense reference over all N rows.
     """
     if loss not in ("cosine", "plain"):
@@ -162,13 +170,22 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
         raise ValueError(f"unknown sampling {sampling!r}")
     url = store_url or _temporary_store_url()
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    opts = dict(cache_rows=cache_rows, storage_options=storage_options, durable=durable)
     try:
-        store = RowStore.open(url, cache_rows=cache_rows, storage_options=storage_options)
-    except FileNotFoundError:
+        store = RowStore.open(url, **opts)
+    except StoreNotFound:
+        store = None
+    if store is not None and fresh:
+        if store.run_id != run_id:
+            raise StoreError(f"row store {url} belongs to another run (run id {store.run_id}); "
+                             "give this run its own classifier.store")
+        RowStore.destroy(url, storage_options)
+        store = None
+    if store is None:
         store = RowStore.create(url, num_rows, dim, seed=seed, chunk_rows=chunk_rows, dtype=np_dtype,
-                                cache_rows=cache_rows, storage_options=storage_options)
+                                run_id=run_id, **opts)
     if (store.num_rows, store.dim, store.dtype) != (num_rows, dim, np_dtype):
         raise ValueError(f"row store at {url} has shape ({store.num_rows}, {store.dim}), "
                          f"dtype {store.dtype}; expected ({num_rows}, {dim}), {np_dtype}")
     return RecentClassifier(store, min(capacity, num_rows), correction=correction, device=device,
-                            dtype=dtype, **common)
+                            dtype=dtype, store_url=url, **common)

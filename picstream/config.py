@@ -91,6 +91,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_steps: Optional[int] = None
+    durability: Literal["process", "power"] = "process"
 
 
 @dataclass
@@ -229,6 +230,33 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+# Keys a resumed run may change: they do not alter the training trajectory.
+RESUME_SAFE_KEYS = ("run.name", "run.output_dir", "data.workers", "data.cache_dir", "data.cache_gb",
+                    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.durability", "train.compile", "monitor.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """``(trajectory changes, harmless changes)`` from ``old`` to ``new``, as ``key: a -> b`` lines."""
+    before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
+    refused, accepted = [], []
+    for key in after:
+        if before.get(key) != after[key]:
+            line = f"{key}: {before.get(key)!r} -> {after[key]!r}"
+            (accepted if key.startswith(RESUME_SAFE_KEYS) else refused).append(line)
+    return refused, accepted
 
 
 def validate(config: Config) -> None:

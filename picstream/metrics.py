@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
             continue
         if record.get("step", -1) < after_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a kill never loses the records kept
 
 
 class MetricsLogger:

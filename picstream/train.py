@@ -3,24 +3,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from .checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
+                         remove_stale_temporaries, retire_newer, save_checkpoint)
 from .classifier import build_classifier
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_changes, config_from_dict, load_config
 from .device import resolve_device
 from .evaluate import extract_splits, knn_classify
 from .loader import PhotometricAugment, WindowLoader
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
+from .rowstore import StoreError
+from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardSet
 
@@ -70,14 +77,6 @@ class Trainer:
         self.forward = torch.compile(self.model) if config.train.compile else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
-        cls = config.classifier
-        self.classifier = build_classifier(
-            self.num_instances, config.model.feature_dim, sampling=cls.sampling,
-            capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
-            momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
-            store_url=cls.store or str(self.run_dir / "rowstore.zarr"), seed=config.run.seed,
-            chunk_rows=cls.chunk_rows, cache_rows=self.scheduler.window + self.scheduler.stride,
-            device=self.device)
         aug = config.augment
         self.augment = PhotometricAugment(
             brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
@@ -85,22 +84,89 @@ class Trainer:
         self.amp = self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
         # Without an accelerator the colour augmentation runs in the loader's CPU workers.
         self._augment_in_workers = self.device.type == "cpu" and config.data.workers > 0
-        self.start_step = self._resume(resume)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _resume(self, resume: str) -> int:
+        self.store_url = config.classifier.store or str(self.run_dir / "rowstore.zarr")
+        self._locks = self._lock()
+        self.run_id = self._run_id()
+        resumed = self._checkpoint_to_resume(resume)
+        cls = config.classifier
+        self.classifier = build_classifier(
+            self.num_instances, config.model.feature_dim, sampling=cls.sampling,
+            capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
+            momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
+            store_url=self.store_url, seed=config.run.seed, chunk_rows=cls.chunk_rows,
+            cache_rows=self.scheduler.window + self.scheduler.stride, device=self.device,
+            fresh=resumed is None, run_id=self.run_id, durable=config.train.durability == "power")
+        self.start_step = 0 if resumed is None else self._load(*resumed)
+
+    # ------------------------------------------------------------------ run identity and resume
+    def _lock(self) -> list[RunLock]:
+        """One trainer per run directory, and per row store when the store lives elsewhere."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        locks = [RunLock(self.run_dir / ".lock", f"run directory {self.run_dir}")]
+        store = Path(self.store_url)
+        if "://" not in self.store_url and store.parent.resolve() != self.run_dir.resolve():
+            store.parent.mkdir(parents=True, exist_ok=True)
+            locks.append(RunLock(store.with_name(store.name + ".lock"), f"row store {store}"))
+        return locks
+
+    def _run_id(self) -> str:
+        """This run's identity (``run.json``), recorded in its row store and its checkpoints."""
+        path = self.run_dir / "run.json"
+        try:
+            return json.loads(path.read_text())["run_id"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            run_id = uuid.uuid4().hex
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
+            os.replace(tmp, path)
+            return run_id
+
+    def _checkpoint_to_resume(self, resume: str) -> Optional[tuple[Path, dict]]:
+        """The checkpoint this start continues from (None: a fresh start at step 0)."""
+        remove_stale_temporaries(self.ckpt_dir)
         if resume == "none":
-            if self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
-                raise ConfigError(f"{self.ckpt_dir} already holds checkpoints; use --resume auto "
-                                  "or a fresh run.output_dir")
-            return 0
+            if list_checkpoints(self.ckpt_dir) or Path(self.store_url).exists():
+                raise ConfigError(f"{self.run_dir} already holds a run (checkpoints or a row store); "
+                                  "continue it with --resume auto, or start a new run in another "
+                                  "run.output_dir")
+            return None
         if resume == "auto":
             found = latest_valid_checkpoint(self.ckpt_dir, log=self._say)
             if found is None:
-                return 0
+                if Path(self.store_url).exists():
+                    self._say(f"no valid checkpoint in {self.ckpt_dir}: starting at step 0 with fresh rows")
+                return None
             path, state = found
         else:
-            path, state = Path(resume), load_checkpoint(Path(resume))
+            path = Path(resume)
+            try:
+                state = load_checkpoint(path)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"--resume {resume}: {err}") from None
+        self._check_config(path, state)
+        if resume != "auto" and path.parent.resolve() == self.ckpt_dir.resolve():
+            moved = retire_newer(self.ckpt_dir, int(state["step"]))
+            if moved:
+                self._say(f"moved {len(moved)} newer checkpoint(s) aside to {moved[0].parent} "
+                          "(kept, and never picked by --resume auto)")
+        return path, state
+
+    def _check_config(self, path: Path, state: dict) -> None:
+        """Refuse a resume whose config changes the training trajectory; report harmless changes."""
+        try:
+            saved = config_from_dict(yaml.safe_load(state["config"]))
+        except ConfigError as err:
+            raise ConfigError(f"cannot resume {path}: its saved config is not valid here ({err})") from None
+        refused, accepted = config_changes(saved, self.config)
+        if refused:
+            raise ConfigError(f"cannot resume {path} with a changed config ({'; '.join(refused)}): these "
+                              "change the training trajectory; restore them, or start a new run in "
+                              "another run.output_dir")
+        if accepted:
+            self._say(f"resuming with changed settings: {'; '.join(accepted)}")
+
+    def _load(self, path: Path, state: dict) -> int:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.classifier.load_checkpoint_state(state["classifier"])
@@ -112,6 +178,7 @@ class Trainer:
         """Checkpoint after `step` completed steps (the row store is committed first)."""
         state = {
             "config": self.config.to_yaml(),
+            "run_id": self.run_id,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "classifier": self.classifier.checkpoint_state(),
@@ -126,6 +193,12 @@ class Trainer:
         except ValueError as err:  # unreadable: keep every undo log rather than lose a resume point
             self._say(f"not pruning row-store history: {err}")
         return path
+
+    def close(self) -> None:
+        """Release the row store and the run's locks."""
+        self.classifier.close()
+        for lock in self._locks:
+            lock.release()
 
     # ------------------------------------------------------------------ the step
     def lr_at(self, step: int) -> float:
@@ -229,6 +302,9 @@ class Trainer:
             print(message, file=sys.stderr)
 
 
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="picstream-train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -239,10 +315,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         trainer = Trainer(config, resume=args.resume)
-        result = trainer.run()
-    except ConfigError as err:
+        try:
+            result = trainer.run()
+        finally:
+            trainer.close()
+    except (ConfigError, StoreError) as err:
         print(f"picstream-train: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        print(f"picstream-train: error: {os.strerror(err.errno)} at {err.filename}: free space there (or "
+              "fix the device), then rerun the same command: it resumes from the last checkpoint",
+              file=sys.stderr)
+        return 1
     print(f"picstream-train: done: {result}")
     return 0
 

@@ -1,7 +1,7 @@
 """Classifier rows out of device memory: zarr row store, exact lazy correction, recent-K device table."""
 from .init import init_rows
 from .recent import RecentRows
-from .store import RowStore
+from .store import RowStore, StoreError, StoreNotFound
 from .transitions import TransitionLog
 
-__all__ = ["RecentRows", "RowStore", "TransitionLog", "init_rows"]
+__all__ = ["RecentRows", "RowStore", "StoreError", "StoreNotFound", "TransitionLog", "init_rows"]

@@ -2,127 +2,80 @@
 
 Layout of a store (a zarr v3 group at any local path or fsspec URL)::
 
+    rowstore.json      the head: store id, run id, current generation, next generation, restore intent
     weight     (N, D)  float32|float64, fill 0      chunks of ``chunk_rows`` rows, uncompressed
     momentum   (N, D)  same
     last_step  (N,)    int64, fill −1               −1 = never written: reads as init(seed, id), u = 0, step 0
-    undo/<g>/  weight, momentum, last_step, saved   pre-images of the chunks first written in generation g
+    undo/<g>/begun                   generation g exists (written before the head names it)
+    undo/<g>/<c>.{weight,momentum,last_step}   pre-images of chunk c, first written in generation g
+    undo/<g>/<c>.saved               chunk c's pre-images are complete (written after them)
 
 Untouched chunks are never stored, so an N = 1e9 store costs nothing until rows are written. Chunks move
 whole, as the zarr store's raw chunk objects (uncompressed little-endian bytes, edge chunks padded with
-the fill value): plain file I/O on a local store, the store's key API elsewhere; zarr itself creates the
-arrays and reads the flags. A pre-image is the chunk object as it is: an absent chunk needs no read and
-no write; on a local store a present one is a hard link, and a chunk file shared with a link is never
-written in place (it is replaced), so the pre-image keeps its bytes.
+the fill value). A pre-image is the chunk object as it is: an absent chunk leaves no file; on a local
+store a present one is a hard link, and a chunk file shared with a link is never written in place.
 
-Invariants: a cached block is the newest copy of its rows (read-your-writes); a chunk is written by one
-thread at a time (the cache lock); before a chunk is first written in a generation its pre-image is in the
-undo log and then its flag is set, so ``restore`` is exact after a kill at any point; host memory is
-``cache_rows`` rows, independent of N.
+Crash safety (the rule docs/design.md states): the head is the only thing that switches state, and it is
+replaced atomically after everything it points to is written (and, with ``durable``, fsynced). A chunk is
+overwritten only after its pre-image and then its ``saved`` flag exist in the current generation, so a
+torn or lost chunk write is always repaired by ``restore``. Generation numbers are never reused. Opening
+a store finishes a restore the head says was under way and deletes undo logs the head does not reach
+(a half-done commit or prune). Host memory is ``cache_rows`` rows, independent of N.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from ..iopoints import point
 from .init import init_rows
+from .storage import LocalFiles, StoreKeys, about, fsync_path
 
-FORMAT = "picstream-rowstore-1"
-_FLAG_CHUNK = 65536
+FORMAT = "picstream-rowstore-2"
+HEAD = "rowstore.json"
 _ARRAY_CONFIG = {"write_empty_chunks": False}
 _ARRAYS = ("weight", "momentum", "last_step")
 
 
-class _StoreChunks:
-    """Chunk objects of any zarr store, by key, through the store's own API."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def read_into(self, key: str, out: np.ndarray) -> bool:
-        """Fill ``out`` from the chunk at ``key``; False (``out`` untouched) when it is absent."""
-        buf = sync(self.store.get(key, prototype=default_buffer_prototype()))
-        if buf is None:
-            return False
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(buf.to_bytes(), np.uint8)
-        return True
-
-    def write(self, key: str, data: np.ndarray) -> None:
-        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes())))
-
-    def copy(self, src: str, dst: str) -> None:
-        """Make ``dst`` what ``src`` is now (absent included)."""
-        buf = sync(self.store.get(src, prototype=default_buffer_prototype()))
-        sync(self.store.delete(dst) if buf is None else self.store.set(dst, buf))
+class StoreError(ValueError):
+    """A row store that is missing, not a row store, or does not match what the caller expects."""
 
 
-class _LocalChunks(_StoreChunks):
-    """Chunk files of a local store. A copy is a hard link; a write goes in place into a file of its own
-    and replaces a file that has other links (or is absent) by a new one."""
-
-    def __init__(self, store: LocalStore):
-        super().__init__(store)
-        self.root = str(store.root)
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.root, key)
-
-    def read_into(self, key: str, out: np.ndarray) -> bool:
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
-                    raise OSError(f"chunk {key} is truncated")
-        except FileNotFoundError:
-            return False
-        return True
-
-    def write(self, key: str, data: np.ndarray) -> None:
-        path, view = self._path(key), memoryview(np.ascontiguousarray(data)).cast("B")
-        try:
-            with open(path, "r+b", buffering=0) as f:
-                st = os.fstat(f.fileno())
-                if st.st_nlink == 1 and st.st_size == view.nbytes:
-                    f.write(view)
-                    return
-        except FileNotFoundError:
-            pass
-        _unlink(path)
-        try:
-            f = open(path, "xb", buffering=0)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            f = open(path, "xb", buffering=0)
-        with f:
-            f.write(view)
-
-    def copy(self, src: str, dst: str) -> None:
-        src, dst = self._path(src), self._path(dst)
-        _unlink(dst)
-        try:
-            os.link(src, dst)
-        except FileNotFoundError:
-            if os.path.exists(src):  # dst's folder is new
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.link(src, dst)
+class StoreNotFound(StoreError):
+    """Nothing at the URL."""
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _local_path(url) -> str | None:
+    """The folder of a local store URL (a path or file://), else None."""
+    if isinstance(url, os.PathLike):
+        return os.fspath(url)
+    if isinstance(url, str) and "://" not in url:
+        return url
+    if isinstance(url, str) and url.startswith("file://"):
+        return url[len("file://"):]
+    return None
 
 
-def _open_group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+def _open_group(url, mode: str, storage_options: dict | None) -> zarr.Group:
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
+
+
+def _io_for(root: zarr.Group, durable: bool) -> StoreKeys:
+    if isinstance(root.store, LocalStore):
+        return LocalFiles(os.path.join(str(root.store.root), root.path), durable)
+    return StoreKeys(root.store, f"{root.path}/" if root.path else "", durable)
 
 
 def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dtype) -> None:
@@ -134,29 +87,39 @@ def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dt
                            compressors=None, config=_ARRAY_CONFIG)
 
 
+def _remove_leftovers(path: str) -> None:
+    """Delete what a killed create or destroy of the local store ``path`` left beside it."""
+    parent, base = os.path.split(os.path.abspath(path))
+    for name in os.listdir(parent):
+        if name.startswith((base + ".creating-", base + ".deleting-")):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 class RowStore:
     """Rows of an N×D classifier with their SGD momentum, on disk, with a bounded host LRU cache.
 
     The cache is a pool of ``cache_blocks`` slots, each one whole chunk; a read or write gathers or
-    scatters all its rows in one indexing operation over the pool.
+    scatters all its rows in one indexing operation over the pool. ``durable=True`` makes ``commit``
+    survive a power loss (fsync of chunks, flags, head and folders), not only a killed process.
     """
 
-    def __init__(self, root: zarr.Group, cache_rows: int | None = None):
+    def __init__(self, root: zarr.Group, cache_rows: int | None = None, durable: bool = False):
         attrs = root.attrs
         if attrs.get("format") != FORMAT:
-            raise ValueError("not a picstream row store")
+            raise StoreError(f"{root.store} is not a picstream row store (format {FORMAT})")
         self._root = root
+        self._io = _io_for(root, durable)
+        head = self._read_head()
+        self.store_id, self.run_id = head["store_id"], head.get("run_id")
+        self.generation, self._next = int(head["generation"]), int(head["next_generation"])
         self.num_rows = int(attrs["num_rows"])
         self.dim = int(attrs["dim"])
         self.seed = int(attrs["seed"])
         self.chunk_rows = int(attrs["chunk_rows"])
-        self.generation = int(attrs["generation"])
         arrays = [root[name] for name in _ARRAYS]
         if any(a.compressors or a.metadata.codecs != arrays[0].metadata.codecs for a in arrays):
-            raise ValueError("row arrays must be uncompressed")
+            raise StoreError("row arrays must be uncompressed")
         self._encode_key = arrays[0].metadata.chunk_key_encoding.encode_chunk_key
-        self._chunks = (_LocalChunks if isinstance(root.store, LocalStore) else _StoreChunks)(root.store)
-        self._prefix = f"{root.path}/" if root.path else ""
         self.dtype = np.dtype(arrays[0].dtype)
         self.num_chunks = -(-self.num_rows // self.chunk_rows)
         cache_rows = cache_rows or 2**17 + 2**14
@@ -173,77 +136,166 @@ class RowStore:
         self._pinned: set[int] = set()  # chunks the current read/write needs resident
         self._cond = threading.Condition(threading.RLock())
         self._executor: ThreadPoolExecutor | None = None
+        self._recover(head)
         self._saved = self._saved_chunks(self.generation)
 
     # ---------------------------------------------------------------- creation
     @classmethod
-    def create(cls, url: str, num_rows: int, dim: int, *, seed: int = 0, chunk_rows: int = 4096,
+    def create(cls, url, num_rows: int, dim: int, *, seed: int = 0, chunk_rows: int = 4096,
                dtype=np.float32, cache_rows: int | None = None, storage_options: dict | None = None,
-               overwrite: bool = False) -> "RowStore":
-        """Create an empty store (no chunk is written: every row reads as its initial value)."""
+               run_id: str | None = None, durable: bool = False) -> "RowStore":
+        """Create an empty store (no chunk is written: every row reads as its initial value).
+
+        A local store is built in a temporary folder beside ``url`` and renamed into place, so it
+        either exists whole or not at all; elsewhere the head is written last."""
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
-        root = _open_group(url, "w" if overwrite else "w-", storage_options)
-        _create_rows(root, num_rows, dim, chunk_rows, np.dtype(dtype))
-        root.attrs.update({"format": FORMAT, "num_rows": int(num_rows), "dim": int(dim),
-                           "seed": int(seed), "chunk_rows": int(chunk_rows), "generation": 0})
-        return cls(root, cache_rows)
+        attrs = {"format": FORMAT, "num_rows": int(num_rows), "dim": int(dim), "seed": int(seed),
+                 "chunk_rows": int(chunk_rows)}
+        head = {"store_id": uuid.uuid4().hex, "run_id": run_id}
+        local = _local_path(url)
+        if local is None:
+            cls._build(url, attrs, head, np.dtype(dtype), storage_options, durable)
+        else:
+            if os.path.lexists(local):
+                raise StoreError(f"{local} already exists")
+            parent = os.path.dirname(os.path.abspath(local))
+            os.makedirs(parent, exist_ok=True)
+            _remove_leftovers(local)
+            build = f"{local}.creating-{head['store_id'][:8]}"
+            try:
+                point("create", build)
+                cls._build(build, attrs, head, np.dtype(dtype), None, durable)
+                point("rename", local)
+                with about(local):
+                    os.rename(build, local)
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
+            if durable:
+                fsync_path(parent)
+        return cls.open(url, cache_rows=cache_rows, storage_options=storage_options, durable=durable)
+
+    @staticmethod
+    def _build(url, attrs: dict, head: dict, dtype, storage_options, durable: bool) -> None:
+        root = _open_group(url, "w-", storage_options)
+        root.attrs.update(attrs)
+        _create_rows(root, attrs["num_rows"], attrs["dim"], attrs["chunk_rows"], dtype)
+        io = _io_for(root, durable)
+        io.put("undo/0/begun", b"")
+        if durable and isinstance(io, LocalFiles):  # zarr's own metadata files too
+            for folder, _, files in os.walk(io.root):
+                for name in files:
+                    fsync_path(os.path.join(folder, name))
+                fsync_path(folder)
+        io.put(HEAD, json.dumps({"format": FORMAT, **head, "generation": 0, "next_generation": 1,
+                                 "restoring": None}).encode())
 
     @classmethod
-    def open(cls, url: str, *, cache_rows: int | None = None,
-             storage_options: dict | None = None) -> "RowStore":
-        return cls(_open_group(url, "r+", storage_options), cache_rows)
+    def open(cls, url, *, cache_rows: int | None = None, storage_options: dict | None = None,
+             durable: bool = False) -> "RowStore":
+        """Open a store, first finishing any restore, commit or prune a killed process left half done."""
+        try:
+            root = _open_group(url, "r+", storage_options)
+        except FileNotFoundError:
+            raise StoreNotFound(f"no row store at {url}") from None
+        return cls(root, cache_rows, durable)
+
+    @classmethod
+    def destroy(cls, url, storage_options: dict | None = None) -> None:
+        """Delete the store at ``url`` (nothing if absent); refuses anything that is not a row store.
+        A local store is first renamed aside, so a kill never leaves half a store under ``url``."""
+        local = _local_path(url)
+        if local is not None and not os.path.lexists(local):
+            return
+        try:
+            root = _open_group(url, "r", storage_options)
+            ours = root.attrs.get("format") == FORMAT
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            raise StoreError(f"{url} is not a picstream row store; refusing to delete it")
+        if local is None:
+            _io_for(root, False).delete(HEAD)
+            sync(root.store.delete_dir(root.path))
+            return
+        trash = f"{local}.deleting-{uuid.uuid4().hex[:8]}"
+        point("rename", trash)
+        with about(local):
+            os.rename(local, trash)
+        shutil.rmtree(trash)
+
+    # ---------------------------------------------------------------- head and generations
+    @property
+    def durable(self) -> bool:
+        return self._io.durable
+
+    @durable.setter
+    def durable(self, value: bool) -> None:
+        self._io.durable = bool(value)
+
+    def _read_head(self) -> dict:
+        raw = self._io.get(HEAD)
+        if raw is None:
+            raise StoreError(f"row store {self._root.store} has no {HEAD} (an interrupted creation)")
+        head = json.loads(raw)
+        if head.get("format") != FORMAT:
+            raise StoreError(f"row store {self._root.store}: {HEAD} is not of format {FORMAT}")
+        return head
+
+    def _write_head(self, generation: int, next_generation: int, restoring: int | None = None) -> None:
+        """Switch the store's state: one atomic replacement of the head."""
+        self._io.put(HEAD, json.dumps({
+            "format": FORMAT, "store_id": self.store_id, "run_id": self.run_id, "generation": generation,
+            "next_generation": next_generation, "restoring": restoring}).encode())
+
+    def generations(self) -> list[int]:
+        """The generations the store can be restored to (their undo logs exist), oldest first."""
+        return sorted(int(n) for n in self._io.names("undo/")
+                      if n.isdigit() and self._io.exists(f"undo/{n}/begun"))
+
+    @staticmethod
+    def _undo(g: int) -> str:
+        return f"undo/{g}/"
+
+    def _saved_chunks(self, g: int) -> set[int]:
+        """The chunks whose pre-images generation ``g`` holds (those with a ``saved`` flag)."""
+        return {int(n[:-len(".saved")]) for n in self._io.names(self._undo(g)) if n.endswith(".saved")}
+
+    def _drop(self, g: int) -> None:
+        """Delete generation ``g``'s undo log; ``begun`` goes first, so a kill leaves no half a log."""
+        self._io.remove_folder(self._undo(g), first=("begun",))
+
+    def _recover(self, head: dict) -> None:
+        """Finish what a killed process left half done: a restore, a commit or a prune."""
+        if head.get("restoring") is not None:
+            self._finish_restore(int(head["restoring"]))
+        for name in self._io.names("undo/"):
+            if not (name.isdigit() and int(name) <= self.generation
+                    and self._io.exists(f"undo/{name}/begun")):
+                self._io.remove_folder(f"undo/{name}/", first=("begun",))
+        self._io.delete(HEAD + ".tmp")
 
     # ---------------------------------------------------------------- chunk I/O
-    def _key(self, base: str, name: str, c: int) -> str:
-        return base + name + "/" + self._encode_key((c,) if name in ("last_step", "saved") else (c, 0))
-
-    def _undo_base(self, g: int) -> str:
-        return f"{self._prefix}undo/{g}/"
+    def _key(self, name: str, c: int) -> str:
+        return name + "/" + self._encode_key((c,) if name == "last_step" else (c, 0))
 
     def _load(self, c: int, slot: int) -> None:
         """Chunk ``c`` into pool slot ``slot`` (edge chunks padded); an absent chunk reads as the fill."""
         for name, pool, fill in zip(_ARRAYS, self._pool, (0, 0, -1)):
-            if not self._chunks.read_into(self._key(self._prefix, name, c), pool[slot]):
+            if not self._io.read_into(self._key(name, c), pool[slot]):
                 pool[slot].fill(fill)
-
-    def _undo_group(self, g: int) -> zarr.Group:
-        undo = self._root.require_group("undo")
-        if str(g) in undo:
-            return undo[str(g)]
-        group = undo.create_group(str(g))
-        _create_rows(group, self.num_rows, self.dim, self.chunk_rows, self.dtype)
-        group.create_array("saved", shape=(self.num_chunks,), chunks=(_FLAG_CHUNK,), dtype=np.uint8,
-                           fill_value=0, compressors=None, config=_ARRAY_CONFIG)
-        return group
-
-    def _generations(self) -> list[int]:
-        if "undo" not in self._root:
-            return []
-        return sorted(int(k) for k in self._root["undo"].group_keys())
-
-    def _saved_chunks(self, g: int) -> np.ndarray:
-        """Generation ``g``'s flags: chunk ``c`` has its pre-image in the undo log iff ``flags[c]``."""
-        if g not in self._generations():
-            return np.zeros(self.num_chunks, np.uint8)
-        return self._root["undo"][str(g)]["saved"][:]
 
     def _store_block(self, c: int, slot: int) -> None:
         """Write a cached block as whole chunks, saving the chunk's pre-image first in this generation."""
-        if not self._saved[c]:
-            if not self._saved.any():
-                self._undo_group(self.generation)
-            undo = self._undo_base(self.generation)
+        if c not in self._saved:
+            undo = self._undo(self.generation)
             for name in _ARRAYS:
-                self._chunks.copy(self._key(self._prefix, name, c), self._key(undo, name, c))
-            self._saved[c] = 1  # the flag makes the pre-image valid; written after it
-            f = c // _FLAG_CHUNK
-            flags = np.zeros(_FLAG_CHUNK, np.uint8)
-            part = self._saved[f * _FLAG_CHUNK:(f + 1) * _FLAG_CHUNK]
-            flags[:part.size] = part
-            self._chunks.write(self._key(undo, "saved", f), flags)
+                self._io.snapshot(self._key(name, c), f"{undo}{c}.{name}")
+            self._io.put(f"{undo}{c}.saved", b"")  # the flag makes the pre-images valid
+            self._saved.add(c)
         for name, pool in zip(_ARRAYS, self._pool):
-            self._chunks.write(self._key(self._prefix, name, c), pool[slot])
+            self._io.write(self._key(name, c), pool[slot])
         self._dirty[slot] = False
 
     # ---------------------------------------------------------------- cache
@@ -386,42 +438,54 @@ class RowStore:
         """Flush and start a new generation; returns it (a checkpoint records this number)."""
         with self._cond:
             self.flush()
-            self.generation += 1
-            self._root.attrs["generation"] = self.generation
-            self._saved = np.zeros(self.num_chunks, np.uint8)
-            return self.generation
+            self._io.sync_written()
+            new = self._next
+            self._io.put(f"{self._undo(new)}begun", b"")
+            self._write_head(new, new + 1)
+            self.generation, self._next, self._saved = new, new + 1, set()
+            return new
 
     def restore(self, generation: int) -> None:
-        """Return to the exact state at the ``commit()`` that returned ``generation``.
+        """Return to the exact state at the ``commit()`` that returned ``generation`` (or at creation,
+        for 0). Unflushed writes are dropped; the generations after it are deleted for good.
 
-        Applies the undo logs of generations ≥ ``generation`` newest first, then deletes them newest
-        first; rerunning after a kill mid-restore gives the same result. Unflushed writes are dropped.
-        """
+        The head first records the intent, so a restore cut short by a kill is finished by the next
+        ``open``; applying the undo logs newest first is idempotent."""
         self._drain()
         with self._cond:
-            if generation > self.generation:
-                raise ValueError(f"generation {generation} is newer than the store's {self.generation}")
-            self._blocks.clear()
-            self._dirty[:] = False
-            self._free = list(range(len(self._dirty)))[::-1]
-            gens = [g for g in self._generations() if g >= generation][::-1]
-            for g in gens:
-                undo = self._undo_base(g)
-                for c in np.flatnonzero(self._saved_chunks(g)).tolist():
-                    for name in _ARRAYS:
-                        self._chunks.copy(self._key(undo, name, c), self._key(self._prefix, name, c))
-            for g in gens:
-                del self._root["undo"][str(g)]
-            self.generation = generation
-            self._root.attrs["generation"] = generation
-            self._saved = np.zeros(self.num_chunks, np.uint8)
+            if generation not in self.generations() or generation > self.generation:
+                raise StoreError(f"row store {self._root.store} cannot return to generation {generation}: "
+                                 f"it can return to {self.generations()} (current {self.generation})")
+            self._write_head(self.generation, self._next, restoring=generation)
+            self._finish_restore(generation)
+
+    def _finish_restore(self, generation: int) -> None:
+        self._blocks.clear()
+        self._dirty[:] = False
+        self._free = list(range(len(self._dirty)))[::-1]
+        later = [g for g in self.generations() if g >= generation][::-1]
+        for g in later:
+            undo = self._undo(g)
+            for c in sorted(self._saved_chunks(g)):
+                for name in _ARRAYS:
+                    self._io.snapshot(f"{undo}{c}.{name}", self._key(name, c))
+        self._io.sync_written()
+        for g in later[:-1]:
+            self._drop(g)
+        undo = self._undo(generation)  # now empty again: flags first, then the pre-images
+        names = self._io.names(undo)
+        for name in sorted(names, key=lambda n: not n.endswith(".saved")):
+            if name != "begun":
+                self._io.delete(undo + name)
+        self._write_head(generation, self._next)
+        self.generation, self._saved = generation, set()
 
     def prune(self, keep_from: int) -> None:
         """Delete the undo logs of generations older than ``keep_from`` (no restore before it)."""
         with self._cond:
-            for g in self._generations():
-                if g < keep_from:
-                    del self._root["undo"][str(g)]
+            for g in self.generations():
+                if g < min(keep_from, self.generation):
+                    self._drop(g)
 
     def close(self) -> None:
         self._drain()
