@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import torch
 
-from .iopoints import point
 from .rowstore.storage import about, fsync_path
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
@@ -28,19 +27,17 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, step)
     tmp = final.with_suffix(f".tmp{os.getpid()}")
-    with about(str(tmp)):
-        try:
-            point("create", str(tmp))
-            with open(tmp, "wb") as fh:
-                torch.save({"format": FORMAT, "step": step, **state}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            point("rename", str(final))
+    try:
+        with about(str(tmp), "create"), open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, "step": step, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with about(str(final), "rename"):
             os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_path(str(directory))
     return final
 
@@ -91,8 +88,8 @@ def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; returns the ones kept."""
     found = list_checkpoints(directory)
     for path in found[:-keep]:
-        point("unlink", str(path))
-        path.unlink(missing_ok=True)
+        with about(str(path), "unlink"):
+            path.unlink(missing_ok=True)
     return found[-keep:]
 
 
@@ -106,8 +103,8 @@ def retire_newer(directory: Path, step: int) -> list[Path]:
     aside.mkdir(exist_ok=True)
     moved = []
     for path in newer:
-        point("rename", str(aside / path.name))
-        os.replace(path, aside / path.name)
+        with about(str(aside / path.name), "rename"):
+            os.replace(path, aside / path.name)
         moved.append(aside / path.name)
     fsync_path(str(directory))
     return moved

@@ -19,9 +19,12 @@ from ..iopoints import point
 
 
 @contextlib.contextmanager
-def about(path: str):
-    """Make an OSError raised inside name ``path`` when it names nothing."""
+def about(path: str, kind: str | None = None):
+    """Make an OSError raised inside name ``path`` when it names nothing; with ``kind``, first
+    announce the I/O point (a test's hook may fail it as the operation itself would)."""
     try:
+        if kind is not None:
+            point(kind, path)
         yield
     except OSError as err:
         if err.filename is None:
@@ -81,8 +84,8 @@ class StoreKeys:
         return sorted({k[len(full):].split("/")[0] for k in sync(collect())})
 
     def _set(self, key: str, data: bytes) -> None:
-        point("set", self.prefix + key)
-        sync(self.store.set(self.prefix + key, default_buffer_prototype().buffer.from_bytes(data)))
+        with about(self.prefix + key, "set"):
+            sync(self.store.set(self.prefix + key, default_buffer_prototype().buffer.from_bytes(data)))
 
     def write(self, key: str, data: np.ndarray) -> None:
         self._set(key, np.ascontiguousarray(data).tobytes())
@@ -101,8 +104,8 @@ class StoreKeys:
 
     def delete(self, key: str) -> None:
         if self.exists(key):
-            point("delete", self.prefix + key)
-            sync(self.store.delete(self.prefix + key))
+            with about(self.prefix + key, "delete"):
+                sync(self.store.delete(self.prefix + key))
 
     def remove_folder(self, prefix: str, first: tuple[str, ...] = ()) -> None:
         """Delete every object under ``prefix``: the names in ``first`` before all others."""
@@ -161,8 +164,7 @@ class LocalFiles(StoreKeys):
             missing.append(folder)
             folder = os.path.dirname(folder)
         for path in reversed(missing):
-            point("mkdir", path)
-            with about(path):
+            with about(path, "mkdir"):
                 os.mkdir(path)
                 if self.durable:
                     fsync_path(os.path.dirname(path))
@@ -172,8 +174,7 @@ class LocalFiles(StoreKeys):
             self._written.add(path)
 
     def _unlink(self, path: str) -> None:
-        point("unlink", path)
-        with about(path):
+        with about(path, "unlink"):
             os.unlink(path)
 
     def write(self, key: str, data: np.ndarray) -> None:
@@ -187,14 +188,13 @@ class LocalFiles(StoreKeys):
                 with f:
                     st = os.fstat(f.fileno())
                     if st.st_nlink == 1 and st.st_size == len(view):
-                        point("write", path)
-                        _write_all(f, view)
+                        with about(path, "write"):
+                            _write_all(f, view)
                         self._track(path)
                         return
                 self._unlink(path)
             self._makedirs(os.path.dirname(path))
-            point("create", path)
-            with open(path, "xb", buffering=0) as f:
+            with about(path, "create"), open(path, "xb", buffering=0) as f:
                 _write_all(f, view)
             self._track(path)
 
@@ -202,20 +202,19 @@ class LocalFiles(StoreKeys):
         path = self.path(key)
         tmp = path + ".tmp"
         self._makedirs(os.path.dirname(path))
-        with about(tmp):
-            try:
-                point("create", tmp)
-                with open(tmp, "wb", buffering=0) as f:
-                    _write_all(f, memoryview(data))
-                    if self.durable:
-                        os.fsync(f.fileno())
-                point("rename", path)
+        try:
+            with about(tmp, "create"), open(tmp, "wb", buffering=0) as f:
+                _write_all(f, memoryview(data))
+                if self.durable:
+                    os.fsync(f.fileno())
+            with about(path, "rename"):
                 os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            if self.durable:
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.durable:
+            with about(path):
                 fsync_path(os.path.dirname(path))
 
     def snapshot(self, src: str, dst: str) -> None:
@@ -225,8 +224,7 @@ class LocalFiles(StoreKeys):
         if not os.path.exists(s):
             return
         self._makedirs(os.path.dirname(d))
-        point("link", d)
-        with about(d):
+        with about(d, "link"):
             os.link(s, d)
         self._track(d)
 
@@ -239,8 +237,7 @@ class LocalFiles(StoreKeys):
         super().remove_folder(prefix, first)
         folder = self.path(prefix)
         if os.path.isdir(folder):
-            point("rmdir", folder)
-            with about(folder):
+            with about(folder, "rmdir"):
                 os.rmdir(folder)
 
     def sync_written(self) -> None:

@@ -38,7 +38,6 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ..iopoints import point
 from .init import init_rows
 from .storage import LocalFiles, StoreKeys, about, fsync_path
 
@@ -164,10 +163,10 @@ class RowStore:
             _remove_leftovers(local)
             build = f"{local}.creating-{head['store_id'][:8]}"
             try:
-                point("create", build)
+                with about(build, "mkdir"):
+                    os.mkdir(build)
                 cls._build(build, attrs, head, np.dtype(dtype), None, durable)
-                point("rename", local)
-                with about(local):
+                with about(local, "rename"):
                     os.rename(build, local)
             except BaseException:
                 shutil.rmtree(build, ignore_errors=True)
@@ -220,8 +219,7 @@ class RowStore:
             sync(root.store.delete_dir(root.path))
             return
         trash = f"{local}.deleting-{uuid.uuid4().hex[:8]}"
-        point("rename", trash)
-        with about(local):
+        with about(local, "rename"):
             os.rename(local, trash)
         shutil.rmtree(trash)
 
