@@ -86,8 +86,9 @@ class RecentClassifier:
         self.log.load_state_dict(state["log"])
         self.rows.load_state_dict(state["rows"])
 
-    def close(self) -> None:
-        self.store.close()
+    def close(self, flush: bool = True) -> None:
+        """Release the store (``flush=False``: leave its unflushed rows unwritten)."""
+        self.store.close(flush)
 
 
 class FullClassifier:
@@ -136,7 +137,7 @@ class FullClassifier:
             self.weight.copy_(state["weight"])
         self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum"].to(self.weight)
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
         """Nothing to release."""
 
 

@@ -195,8 +195,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        """Release the row store and the run's locks."""
-        self.classifier.close()
+        """Release the row store (nothing to write: the last checkpoint committed it) and the locks."""
+        self.classifier.close(flush=False)
         for lock in self._locks:
             lock.release()
 

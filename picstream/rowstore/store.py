@@ -297,13 +297,13 @@ class RowStore:
         self._dirty[slot] = False
 
     # ---------------------------------------------------------------- cache
-    def _alloc(self) -> int | None:
-        """A free slot, evicting the least recently used unpinned block (written if dirty), or None
-        when every slot is pinned or being prefetched. Lock held."""
+    def _alloc(self, clean_only: bool = False) -> int | None:
+        """A free slot, evicting the least recently used unpinned block (written if dirty; with
+        ``clean_only``, only a clean one), or None when there is none. Lock held."""
         if self._free:
             return self._free.pop()
         for c, slot in self._blocks.items():
-            if c not in self._pinned:
+            if c not in self._pinned and not (clean_only and self._dirty[slot]):
                 break
         else:
             return None
@@ -402,7 +402,7 @@ class RowStore:
         with self._cond:
             if c in self._blocks or c in self._inflight:
                 return
-            slot = self._alloc()
+            slot = self._alloc(clean_only=True)  # writes stay in the caller's thread
             if slot is None:
                 return
             self._inflight[c] = slot
@@ -485,9 +485,11 @@ class RowStore:
                 if g < min(keep_from, self.generation):
                     self._drop(g)
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Stop the prefetch thread and (unless ``flush=False``) write every dirty block."""
         self._drain()
-        self.flush()
+        if flush:
+            self.flush()
 
     # ---------------------------------------------------------------- distribution
     def owned_chunks(self, rank: int, world_size: int) -> np.ndarray:
