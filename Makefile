@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # PyTorch is pinned to the release available from the local wheel mirror (no multi-GB download).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b --quick || exit 1; done
+
+# The CUDA path end to end on one GPU in under 9 minutes (benchmarks/README.md, "GPU check").
+gpu-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf runs shards/demo-* $(VENV)

@@ -40,11 +40,13 @@ from picstream.shards import ShardSet, make_shards  # noqa: E402
 BATCH = 64
 
 
-def prepare(data: Path, work: Path, copies: int, shard_size: int) -> tuple[Path, Path]:
-    """Extract the sample photos, repeat them `copies` times (symlinks) and shard them."""
+def prepare(data: Path, work: Path, copies: int, shard_size: int, *, workers: int = 2,
+            limit: int | None = None) -> tuple[Path, Path]:
+    """Extract the sample photos, repeat (the first `limit` of) them `copies` times (symlinks) and
+    shard them with `workers` processes."""
     with tarfile.open(data / "imagenet-sample-1000.tar") as tar:
         tar.extractall(work, filter="data")
-    photos = sorted((work / "imagenet-sample-1000").iterdir())
+    photos = sorted((work / "imagenet-sample-1000").iterdir())[:limit]
     corpus = work / "corpus" / "all"          # one class folder, for torchvision's ImageFolder
     corpus.mkdir(parents=True)
     for c in range(copies):
@@ -52,7 +54,7 @@ def prepare(data: Path, work: Path, copies: int, shard_size: int) -> tuple[Path,
             (corpus / f"{c}_{f.name}").symlink_to(f)
     shards = work / "shards"
     make_shards(corpus.parent, shards, shard_size=shard_size, seed=0, labels=False, progress=False,
-                workers=2)
+                workers=workers)
     return corpus.parent, shards
 
 

@@ -48,7 +48,10 @@ def build_scheduler(config: Config, num_instances: int):
 class Trainer:
     """Owns one run: model, optimizers, classifier rows, data stream, checkpoints and metrics."""
 
-    def __init__(self, config: Config, *, resume: str = "auto", show_progress: bool = True):
+    def __init__(self, config: Config, *, resume: str = "auto", show_progress: bool = True,
+                 num_instances: Optional[int] = None):
+        """`num_instances` trains on that many instances without opening `data.train` (images and
+        IDs then come from the caller through `train_step`; `run` needs shards)."""
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -59,8 +62,8 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.workers))
         torch.manual_seed(config.run.seed)
 
-        self.shards = ShardSet.open(config.data.train)
-        self.num_instances = len(self.shards)
+        self.shards = ShardSet.open(config.data.train) if num_instances is None else None
+        self.num_instances = len(self.shards) if num_instances is None else num_instances
         optim = config.optim
         self.global_batch = optim.batch_size
         steps_per_epoch = self.num_instances / self.global_batch
@@ -238,13 +241,7 @@ class Trainer:
         if self.start_step >= self.total_steps:
             self._say(f"nothing to do: step {self.start_step} of {self.total_steps} already reached")
             return {"step": self.start_step}
-        loader = WindowLoader(
-            self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
-            crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
-            start_step=self.start_step, num_steps=self.total_steps - self.start_step,
-            seed=config.run.seed, cache_dir=config.data.cache_dir,
-            cache_bytes=int(config.data.cache_gb * 2**30),
-            augment=self.augment if self._augment_in_workers else None)
+        loader = self.make_loader()
         metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
                                 show_progress=self.show_progress)
         last: dict[str, Any] = {}
@@ -253,7 +250,7 @@ class Trainer:
             for batch in loader:
                 step = batch.step
                 skipped += batch.skipped
-                self._prefetch_rows(step)
+                self.prefetch_rows(step)
                 result = self.train_step(step, batch.images, batch.ids)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
@@ -273,7 +270,19 @@ class Trainer:
             metrics.close()
         return last
 
-    def _prefetch_rows(self, step: int) -> None:
+    def make_loader(self) -> WindowLoader:
+        """The training stream from `start_step` to `total_steps` (colour augmentation in the
+        loader's workers when there is no accelerator)."""
+        config = self.config
+        return WindowLoader(
+            self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
+            crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
+            start_step=self.start_step, num_steps=self.total_steps - self.start_step,
+            seed=config.run.seed, cache_dir=config.data.cache_dir,
+            cache_bytes=int(config.data.cache_gb * 2**30),
+            augment=self.augment if self._augment_in_workers else None)
+
+    def prefetch_rows(self, step: int) -> None:
         """When a batch starts a new window, ask the row store to load the next window's new rows."""
         window, stride = self.scheduler.window, self.scheduler.stride
         first = step * self.global_batch
