@@ -55,10 +55,12 @@ def train_and_eval(tmp_path, shards, *extra):
     config = load_config(None, BUDGET + [f"data.train={shards['pretrain']}", f"run.output_dir={tmp_path}", *extra])
     trainer = Trainer(config, show_progress=False)
     trainer.run()
+    trainer.close()
     return knn_top1(trainer.model.backbone, shards), config
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a hang guard only: ~8 min normally, 15+ on a loaded 2-core machine
 def test_pic_learns_and_cosine_beats_plain(tmp_path, cifar_shards):
     cosine, config = train_and_eval(tmp_path / "cosine", cifar_shards)
     torch.manual_seed(config.run.seed)
