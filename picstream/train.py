@@ -26,7 +26,7 @@ from .loader import PhotometricAugment, WindowLoader
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
-from .rowstore import StoreError
+from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardSet
@@ -98,7 +98,8 @@ class Trainer:
             capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
             momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
             store_url=self.store_url, seed=config.run.seed, chunk_rows=cls.chunk_rows,
-            cache_rows=self.scheduler.window + self.scheduler.stride, device=self.device,
+            cache_rows=window_cache_rows(self.scheduler.window, self.scheduler.stride, cls.chunk_rows),
+            device=self.device,
             fresh=resumed is None, run_id=self.run_id, durable=config.train.durability == "power")
         self.start_step = 0 if resumed is None else self._load(*resumed)
 
