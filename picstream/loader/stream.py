@@ -106,6 +106,7 @@ class _BatchMaker:
                  augment=None):
         self.shardset, self.reader, self.specs = shardset, reader, specs
         self.seed, self.decoder, self.augment = seed, decoder, augment
+        self._warned: set[tuple[int, str]] = set()
 
     def make(self, step: int, positions: np.ndarray, ids: np.ndarray, spares=()) -> Batch:
         """The batch of ``ids`` at stream ``positions``; a slot whose sample fails takes the next
@@ -146,17 +147,20 @@ class _BatchMaker:
         try:
             data, labels[i] = self.reader.read_sample(sample_id)
         except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
-            return _skip(sample_id, position, getattr(exc, "reason", "unreadable"), exc)
+            return self._skip(sample_id, position, getattr(exc, "reason", "unreadable"), exc)
         try:
             decode_crops(data, u, self.specs, [v[i] for v in views], self.decoder)
         except Exception as exc:  # noqa: BLE001 - a decoder error on damaged data is counted too
-            return _skip(sample_id, position, "decode", exc)
+            return self._skip(sample_id, position, "decode", exc)
         return None
 
-
-def _skip(sample_id: int, position: int, reason: str, exc: Exception) -> str:
-    log.warning("skipping sample %d (stream position %d, %s): %s", sample_id, position, reason, exc)
-    return reason
+    def _skip(self, sample_id: int, position: int, reason: str, exc: Exception) -> str:
+        """Log a skipped sample: a warning for the first one of each (shard, reason), then debug."""
+        key = (sample_id // self.shardset.shard_size, reason)
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        log.log(level, "skipping sample %d (stream position %d, %s): %s", sample_id, position, reason, exc)
+        return reason
 
 
 def _generator(seed: int, step: int, view: int) -> torch.Generator:
