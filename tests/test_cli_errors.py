@@ -2,8 +2,10 @@
 the key or file, no traceback, nothing written to the run directory."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,15 +109,28 @@ def test_output_dir_below_a_file(tmp_path, shapes_shards):
                       f"config key 'run.output_dir': cannot write to {run_dir}")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only: by mode bits, or for root (whom they do not stop) immutable."""
+    root = os.geteuid() == 0
+    if not root:
+        folder.chmod(0o555)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+        pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
+    try:
+        yield folder
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+
+
 def test_read_only_output_dir(tmp_path, shapes_shards):
     parent = tmp_path / "ro"
     parent.mkdir()
-    parent.chmod(0o555)
-    try:
+    with read_only(parent):
         assert_user_error(train_cmd(parent / "run", shapes_shards[0]), parent / "run", "is read-only")
-    finally:
-        parent.chmod(0o755)
 
 
 def test_all_missing_window_is_one_line(tmp_path, shapes_shards):
