@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ from .model import PICNet
 from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
-from .shards import ShardSet
+from .shards import ShardSet, ShardsError
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -246,11 +247,14 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
                                 show_progress=self.show_progress)
         last: dict[str, Any] = {}
-        skipped = 0
+        skip_reasons: Counter[str] = Counter()
+        retries: Counter[str] = Counter()   # remote read retries, loader workers and this process
         try:
             for batch in loader:
                 step = batch.step
-                skipped += batch.skipped
+                skip_reasons.update(batch.skip_reasons)
+                retries.update(batch.retries)
+                retries.update(self.shards.retry_stats.drain())
                 self.prefetch_rows(step)
                 result = self.train_step(step, batch.images, batch.ids)
                 done = step + 1
@@ -260,7 +264,10 @@ class Trainer:
                         "epoch": done * self.global_batch / self.num_instances,
                         "min_row_norm": self.classifier.min_row_norm(),
                         "device_mem_mb": self._device_memory_mb(),
-                        "skipped": skipped,
+                        "skipped": sum(skip_reasons.values()),
+                        "skip_reasons": dict(skip_reasons),
+                        "retries": sum(retries.values()),
+                        "retries_by_read": dict(retries),
                     }, images_per_step=self.global_batch)
                 if config.monitor.every_steps and done % config.monitor.every_steps == 0:
                     metrics.event(step, {"knn_top1": self.knn_monitor()["top1"]})
@@ -315,6 +322,29 @@ class Trainer:
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
+def _check_resume_arg(resume: str) -> None:
+    """`--resume` is 'auto', 'none' or a loadable checkpoint file (checked before anything is written)."""
+    if resume in ("auto", "none"):
+        return
+    if not Path(resume).is_file():
+        raise ConfigError(f"--resume: no checkpoint file at {resume} (use 'auto', 'none' or a "
+                          "ckpt-*.pt path)")
+    try:
+        load_checkpoint(Path(resume), mmap=True)
+    except ValueError as err:
+        raise ConfigError(f"--resume: {err}") from None
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """`run.output_dir` (or the folder it would be created in) must be a writable directory."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} "
+                          f"({existing} is {'read-only' if existing.is_dir() else 'not a directory'})")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="picstream-train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -324,12 +354,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        _check_resume_arg(args.resume)
+        _check_output_dir(Path(config.run.output_dir))
         trainer = Trainer(config, resume=args.resume)
         try:
             result = trainer.run()
         finally:
             trainer.close()
-    except (ConfigError, StoreError) as err:
+    except (ConfigError, ShardsError, StoreError) as err:
         print(f"picstream-train: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

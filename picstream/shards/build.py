@@ -8,9 +8,12 @@ the valid inputs in the permutation, so they have no holes and do not depend on 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from collections import deque
@@ -30,6 +33,7 @@ from .writer import ShardWriter
 
 BUILD_FILE = "build.json"
 CHUNK = 8  # inputs per task sent to a worker
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,21 @@ def _init(options: dict, so: dict) -> None:
     _OPTIONS.update(options=options, so=so)
 
 
+def _init_worker(parent: int, options: dict, so: dict) -> None:
+    _die_with_parent(parent)
+    _init(options, so)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker process when `parent` dies, however it dies (Linux; a
+    no-op elsewhere). The pool's queues alone do not end a worker whose parent was SIGKILLed."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _work(locators: list[str]) -> list:
     """(raw size, Prepared) or Skip for each input."""
     options, so = _OPTIONS["options"], _OPTIONS["so"]
@@ -240,7 +259,8 @@ def _prepared(todo: list[Input], workers: int, options: dict, so: dict):
             yield from _work(chunk)
         return
     ctx = multiprocessing.get_context("spawn")  # no inherited threads (fsspec, tqdm) in the workers
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(options, so)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(), options, so)) as pool:
         pending: deque = deque()
         it = iter(chunks)
         for chunk in it:

@@ -35,14 +35,14 @@ def main(argv=None) -> int:
                               resize_short=args.resize_short, quality=args.quality, progress=not args.quiet)
     except ShardsError as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("make_shards: interrupted; re-run the same command to finish", file=sys.stderr)
         return 130
     if summary.packed == 0:
         print(f"make_shards: error: all {summary.inputs} inputs were skipped (reasons in {summary.manifest})",
               file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
