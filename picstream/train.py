@@ -33,6 +33,9 @@ from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardSet, ShardsError
 
 
+RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
+
+
 def step_seed(seed: int, step: int) -> int:
     """A per-step seed for the batched photometric augmentation (independent of resumes)."""
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
@@ -103,6 +106,11 @@ class Trainer:
             device=self.device,
             fresh=resumed is None, run_id=self.run_id, durable=config.train.durability == "power")
         self.start_step = 0 if resumed is None else self._load(*resumed)
+        history = cls.recent_k / self.global_batch
+        if cls.sampling == "recent" and history < RECENT_STEPS:
+            self._say(f"note: classifier.recent_k = {cls.recent_k} holds {history:.3g} steps of negatives at "
+                      f"global batch {self.global_batch}; the paper keeps K/B = {RECENT_STEPS} "
+                      f"(K = 65536 at 512): consider recent_k = {RECENT_STEPS * self.global_batch}")
 
     # ------------------------------------------------------------------ run identity and resume
     def _lock(self) -> list[RunLock]:
