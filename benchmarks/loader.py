@@ -4,8 +4,9 @@ Rows (ImageNet sample photos repeated to >= 8k images, 1k with --quick, packed b
   1. full SimCLR augmentation, images/s with the same CPU workers: WindowLoader + batched
      PhotometricAugment (in the CPU workers) vs torchvision ImageFolder + transforms; and the
      loader alone (decode + crop + flip: the CPU's share when the photometric part runs on a GPU);
-  2. decode + RandomResizedCrop + flip vs decode only of the same bytes (one core); the batched
-     photometric part alone vs kornia's (one core);
+  2. decode + RandomResizedCrop + flip vs decode only of the same bytes (one core); every JPEG
+     decoder on the same bytes (one core: simplejpeg, TorchCodec, Pillow or pillow-simd, torchvision.io);
+     the batched photometric part alone vs kornia's (one core);
   3. remote shards (HTTP on 127.0.0.1) vs local shards, same pipeline;
   4. peak RSS with W = 131072 on a ~1M-ID manifest vs the real small manifest.
 
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from picstream.loader import PhotometricAugment, WindowLoader  # noqa: E402
-from picstream.loader.decode import decode, decode_crops  # noqa: E402
+from picstream.loader.decode import DECODERS, DEFAULT_FULL, decode, decode_crops  # noqa: E402
 from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms  # noqa: E402
 from picstream.scheduler import SlidingWindowScheduler  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
@@ -114,20 +116,36 @@ def row_simclr(corpus: Path, ss, count: int, workers: int, rounds: int) -> tuple
     return best["ours"], best["cpu_part"], best["baseline"]
 
 
-def row_decode(ss, count: int, rounds: int) -> tuple[float, float, float]:
+def decoder_candidates() -> dict:
+    """Full JPEG decoders to compare on the same bytes: picstream's (simplejpeg, TorchCodec, Pillow or
+    pillow-simd, whichever PIL is installed) and torchvision.io's deprecated one, called directly."""
+    import PIL
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def torchvision_io(d: bytes):
+        with warnings.catch_warnings():   # deprecated on every call; measured here for comparison
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    pil = "pillow-simd" if "post" in PIL.__version__ else "Pillow"
+    out = {name: (lambda d, n=name: decode(d, n)) for name in DECODERS if name not in ("auto", "pil")}
+    return {**out, f"{pil} {PIL.__version__}": lambda d: decode(d, "pil"), "torchvision.io": torchvision_io}
+
+
+def row_decode(ss, count: int, rounds: int) -> tuple[float, dict[str, float]]:
+    """decode + RRC(224) + flip with the default decoder, and each full decoder alone (one core)."""
     datas = [ss.read(i) for i in range(min(count, len(ss)))]
     u = sample_uniforms(0, np.arange(len(datas)), DRAWS_PER_CROP)
     spec, out = [CropSpec(224)], [torch.empty(224, 224, 3, dtype=torch.uint8)]
-    best = {"tv": 0.0, "pil": 0.0, "crop": 0.0}
+    fns = {"crop": lambda d, i: decode_crops(d, [u[i]], spec, out, "auto")}
+    fns.update({name: (lambda d, i, f=f: f(d)) for name, f in decoder_candidates().items()})
+    best = dict.fromkeys(fns, 0.0)
     for _ in range(rounds):   # interleaved, best of each: the machine is shared
-        for name, fn in (("tv", lambda d, i: decode(d, "torchvision")),
-                         ("pil", lambda d, i: decode(d, "pil")),
-                         ("crop", lambda d, i: decode_crops(d, [u[i]], spec, out, "auto"))):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             for i, d in enumerate(datas):
                 fn(d, i)
             best[name] = max(best[name], len(datas) / (time.perf_counter() - t0))
-    return best["crop"], best["tv"], best["pil"]
+    return best.pop("crop"), best
 
 
 def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
@@ -232,6 +250,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (best kept)")
+    ap.add_argument("--decoders-only", action="store_true",
+                    help="only the decode rows (e.g. to rerun with pillow-simd installed)")
     ap.add_argument("--memory-child")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
@@ -248,16 +268,22 @@ def main() -> None:
         print(f"{len(ss)} images in {ss.num_shards} shards, {args.workers} workers, "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs")
 
-        ours, cpu_part, base = row_simclr(corpus, ss, count, args.workers, args.rounds)
-        rows.append(("SimCLR aug img/s, all on CPU: WindowLoader(augment=) vs ImageFolder",
-                     f"{ours:.1f}", f"{base:.1f}", ours / base))
-        rows.append(("img/s CPU part when photometric runs on a GPU vs ImageFolder",
-                     f"{cpu_part:.1f}", f"{base:.1f}", cpu_part / base))
-        crop, tv, pil = row_decode(ss, count // 2, args.rounds + 1)
-        rows.append(("img/s decode+RRC+flip vs decode only (torchvision; 1 core)",
-                     f"{crop:.0f}", f"{tv:.0f}", crop / tv))
-        rows.append(("img/s decode only: Pillow vs torchvision (1 core)", f"{pil:.0f}", f"{tv:.0f}",
-                     pil / tv))
+        if not args.decoders_only:
+            ours, cpu_part, base = row_simclr(corpus, ss, count, args.workers, args.rounds)
+            rows.append(("SimCLR aug img/s, all on CPU: WindowLoader(augment=) vs ImageFolder",
+                         f"{ours:.1f}", f"{base:.1f}", ours / base))
+            rows.append(("img/s CPU part when photometric runs on a GPU vs ImageFolder",
+                         f"{cpu_part:.1f}", f"{base:.1f}", cpu_part / base))
+        crop, decoders = row_decode(ss, count // 2, args.rounds + 1)
+        full = decoders[DEFAULT_FULL]
+        rows.append((f"img/s decode+RRC+flip vs decode only ({DEFAULT_FULL}; 1 core)",
+                     f"{crop:.0f}", f"{full:.0f}", crop / full))
+        for name, rate in decoders.items():
+            rows.append((f"img/s decode only (1 core): {name} vs torchvision.io", f"{rate:.0f}",
+                         f"{decoders['torchvision.io']:.0f}", rate / decoders["torchvision.io"]))
+        if args.decoders_only:
+            return print_table(rows, f"RESULT: decode only, {DEFAULT_FULL} (the default) "
+                                     f"{full / decoders['torchvision.io']:.2f}x torchvision.io, one core")
         photometric = row_kornia(args.rounds + 1)
         if photometric:
             rows.append(("img/s batched photometric (1 core): PhotometricAugment vs kornia",
@@ -273,13 +299,17 @@ def main() -> None:
         rows.append((f"peak RSS MB, W=2^17: {big['ids']} IDs vs {small['ids']} IDs",
                      f"{peak(big):.0f}", f"{peak(small):.0f}", peak(big) / peak(small)))
 
+    print_table(rows, f"RESULT: SimCLR augmentation all on CPU {rows[0][3]:.2f}x torchvision "
+                      f"ImageFolder+transforms ({rows[1][3]:.2f}x with the photometric part on an "
+                      f"accelerator), {args.workers} CPU workers")
+
+
+def print_table(rows: list, result: str) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"{'row':<{width}}  {'ours':>8}  {'baseline':>8}  {'ratio':>6}")
     for name, a, b, ratio in rows:
         print(f"{name:<{width}}  {a:>8}  {b:>8}  {ratio:>6.2f}")
-    print(f"RESULT: SimCLR augmentation all on CPU {rows[0][3]:.2f}x torchvision "
-          f"ImageFolder+transforms ({rows[1][3]:.2f}x with the photometric part on an accelerator), "
-          f"{args.workers} CPU workers")
+    print(result)
 
 
 if __name__ == "__main__":
