@@ -15,7 +15,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a folder (class sub-folders give labels), a text/CSV list (path[,label]), "
                                "webdataset tars (a tar, a folder of tars, a brace pattern), parquet files, "
                                "a `datasets` save_to_disk folder, an FFCV .beton, or any fsspec URL of these")
-    p.add_argument("out", help="output folder or URL; OUT/manifest.json is the manifest")
+    p.add_argument("out", help="output folder or URL; OUT/manifest.json is the manifest (with --format "
+                               "beton: OUT.beton, the shards in OUT.beton.shards/)")
+    p.add_argument("--format", choices=("shards", "beton"), default="shards",
+                   help="beton: also write an FFCV .beton of the shards, in the same ID order")
     p.add_argument("--shard-size", type=int, default=1024, help="samples per shard (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="seed of the ID permutation (default 0)")
     p.add_argument("--workers", type=int, default=1, help="validating/converting processes (default 1)")
@@ -39,8 +42,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    shards_out = args.out
+    if args.format == "beton":
+        if not args.out.endswith(".beton") or "://" in args.out:
+            print("make_shards: error: with --format beton, OUT is a local path ending in .beton", file=sys.stderr)
+            return 2
+        shards_out = args.out + ".shards"
     try:
-        summary = make_shards(args.src, args.out, shard_size=args.shard_size, seed=args.seed,
+        summary = make_shards(args.src, shards_out, shard_size=args.shard_size, seed=args.seed,
                               workers=args.workers, labels=not args.no_labels, max_side=args.max_side,
                               resize_short=args.resize_short, quality=args.quality, progress=not args.quiet,
                               source=SourceOptions(args.source, args.image_column, args.label_column,
@@ -55,6 +64,16 @@ def main(argv=None) -> int:
         print(f"make_shards: error: all {summary.inputs} inputs were skipped (reasons in {summary.manifest})",
               file=sys.stderr)
         return 2
+    if args.format == "beton":
+        from ..beton.writer import write_beton
+        from .reader import ShardSet
+        try:
+            write_beton(ShardSet.open(shards_out), args.out, workers=args.workers)
+        except ImportError as e:
+            print(f"make_shards: error: {e}", file=sys.stderr)
+            return 2
+        if not args.quiet:
+            print(f"wrote {args.out} ({summary.packed} samples in ID order)", file=sys.stderr)
     return 0
 
 
