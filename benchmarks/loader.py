@@ -7,7 +7,9 @@ Rows (ImageNet sample photos repeated to >= 8k images, 1k with --quick, packed b
   2. decode + RandomResizedCrop + flip vs decode only of the same bytes (one core); every JPEG
      decoder on the same bytes (one core: simplejpeg, TorchCodec, Pillow or pillow-simd, torchvision.io);
      the batched photometric part alone vs kornia's (one core);
-  3. remote shards (HTTP on 127.0.0.1) vs local shards, same pipeline;
+  3. decode + RandomResizedCrop + flip with the same workers: FFCV's Loader on a .beton of the same
+     bytes (BetonLoader) vs WindowLoader vs ImageFolder (skipped without the ffcv extra);
+     remote shards (HTTP on 127.0.0.1) vs local shards, same pipeline;
   4. peak RSS with W = 131072 on a ~1M-ID manifest vs the real small manifest.
 
     python benchmarks/loader.py [--quick] [--data DIR] [--workers 2]
@@ -172,6 +174,39 @@ def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
     return best["ours"], best["kornia"]
 
 
+def row_ffcv(corpus: Path, shards: Path, ss, count: int, workers: int, rounds: int) -> dict | None:
+    """decode + RRC(224) + flip, uint8, same images and cores: FFCV's Loader on a .beton of the same JPEG
+    bytes (BetonLoader, `workers` threads) vs WindowLoader vs ImageFolder + RandomResizedCrop + flip."""
+    try:
+        from picstream.beton import BetonSet
+        from picstream.beton.loader import BetonLoader
+        from picstream.beton.writer import write_beton
+    except ImportError:
+        return None
+    import torchvision.transforms.v2 as T
+    from torchvision.datasets import ImageFolder
+
+    beton = BetonSet(write_beton(ss, str(shards.parent / "corpus.beton"), workers=workers))
+    steps = count // BATCH + 3
+    tf = T.Compose([T.PILToTensor(), T.RandomResizedCrop(224, scale=(0.2, 1.0), antialias=True),
+                    T.RandomHorizontalFlip()])
+
+    def ffcv() -> float:
+        sched = SlidingWindowScheduler(len(beton), min(len(beton), 4096), 512, seed=0)
+        return throughput(BetonLoader(beton, sched, BATCH, image_size=224, workers=workers, num_steps=steps),
+                          count)
+
+    def ours() -> float:
+        with window_loader(ss, steps, workers) as loader:
+            return throughput(loader, count)
+
+    def folder() -> float:
+        return throughput(torch.utils.data.DataLoader(
+            ImageFolder(str(corpus), tf), batch_size=BATCH, shuffle=True, num_workers=workers,
+            multiprocessing_context="fork"), count)
+    return best_of(rounds, ffcv=ffcv, ours=ours, folder=folder)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -289,6 +324,14 @@ def main() -> None:
             rows.append(("img/s batched photometric (1 core): PhotometricAugment vs kornia",
                          f"{photometric[0]:.1f}", f"{photometric[1]:.1f}",
                          photometric[0] / photometric[1]))
+        crop_rows = row_ffcv(corpus, shards, ss, count, args.workers, args.rounds)
+        if crop_rows is None:
+            print("(FFCV rows skipped: ffcv is not installed; `make ffcv`)")
+        else:
+            for other, label in (("ours", "WindowLoader"), ("folder", "ImageFolder+RRC+flip")):
+                rows.append((f"img/s decode+RRC+flip uint8: FFCV BetonLoader vs {label}",
+                             f"{crop_rows['ffcv']:.1f}", f"{crop_rows[other]:.1f}",
+                             crop_rows["ffcv"] / crop_rows[other]))
         far, local, far_cold, local_cold = row_remote(shards, ss, count, args.workers, args.rounds)
         rows.append(("img/s remote (HTTP, loopback) vs local shards, decode+crop",
                      f"{far:.1f}", f"{local:.1f}", far / local))

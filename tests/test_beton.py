@@ -169,8 +169,11 @@ def test_beton_loader_yields_the_window_stream(coloured):
     resumed = list(loader(coloured, 6, 4, start_step=5, workers=1)[2])
     for a, b in zip(batches[5:], resumed):
         assert a.step == b.step and torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
-    with pytest.raises(ValueError, match="multi-crop"):
-        loader(coloured, 6, 2, multi_crop=[(4, 2)])
+    # multi-crop: one decoder per view, every view of a slot cut from the same sample
+    multi = list(loader(coloured, 6, 3, multi_crop=[(4, 2)], workers=2)[2])
+    for a, b in zip(batches, multi):
+        assert torch.equal(a.images, b.images) and [c.shape[-1] for c in b.extra_crops] == [4, 4]
+        assert which(b.extra_crops[0]) == which(b.extra_crops[1]) == which(a.images)
 
 
 def test_beton_loader_crops_follow_the_rule(ffcv, cifar_rows, tmp_path):
@@ -188,7 +191,9 @@ def test_beton_loader_crops_follow_the_rule(ffcv, cifar_rows, tmp_path):
     beton = BetonSet(tmp_path / "c.beton", seed=0)
     sched = SlidingWindowScheduler(len(beton), 24, 8, seed=0)
     seed, size = 7, 20
-    batches = list(BetonLoader(beton, sched, 8, image_size=size, num_steps=3, seed=seed, workers=2))
+    batches = list(BetonLoader(beton, sched, 8, image_size=size, num_steps=3, seed=seed, workers=2,
+                               multi_crop=[(12, 1, (0.3, 0.5))]))
+    views = [(CropSpec(size), lambda b: b.images), (CropSpec(12, (0.3, 0.5)), lambda b: b.extra_crops[0])]
     table, raw = beton.image_table(), (tmp_path / "c.beton").read_bytes()
     mask = (1 << 64) - 1
 
@@ -197,25 +202,26 @@ def test_beton_loader_crops_follow_the_rule(ffcv, cifar_rows, tmp_path):
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         return z ^ (z >> 31)
     golden = 0x9E3779B97F4A7C15
-    key = int(np.random.SeedSequence([seed, 0]).generate_state(1, np.uint64)[0])
     flips = 0
-    for b in batches:
-        indices = beton.beton_indices(b.ids.numpy())
-        batch_key = key
-        for i in indices:
-            batch_key = mix(batch_key ^ int(i))
-        for slot, i in enumerate(indices):
-            sample_key = mix((batch_key + (slot + 1) * golden) & mask)
-            u = np.array([(mix((sample_key + (d + 1) * golden) & mask) >> 11) / 2**53
-                          for d in range(DRAWS_PER_CROP)])
-            img = simplejpeg.decode_jpeg(raw[table["offset"][i]:table["offset"][i] + table["size"][i]])
-            top, left, h, w, flip = random_resized_crop(32, 32, u, CropSpec(size))
-            ref = cv2.resize(img[top:top + h, left:left + w], (size, size), interpolation=cv2.INTER_AREA)
-            ref = ref[:, ::-1] if flip else ref
-            flips += flip
-            diff = np.abs(b.images[slot].permute(1, 2, 0).numpy().astype(int) - ref)
-            assert diff.mean() < 1.5 and diff.max() <= 10  # libjpeg-turbo builds differ by a few levels
-    assert 0 < flips < 24
+    for view, (spec, output) in enumerate(views):
+        key = int(np.random.SeedSequence([seed, view]).generate_state(1, np.uint64)[0])
+        for b in batches:
+            indices = beton.beton_indices(b.ids.numpy())
+            batch_key = key
+            for i in indices:
+                batch_key = mix(batch_key ^ int(i))
+            for slot, i in enumerate(indices):
+                sample_key = mix((batch_key + (slot + 1) * golden) & mask)
+                u = np.array([(mix((sample_key + (d + 1) * golden) & mask) >> 11) / 2**53
+                              for d in range(DRAWS_PER_CROP)])
+                img = simplejpeg.decode_jpeg(raw[table["offset"][i]:table["offset"][i] + table["size"][i]])
+                top, left, h, w, flip = random_resized_crop(32, 32, u, spec)
+                ref = cv2.resize(img[top:top + h, left:left + w], (spec.size,) * 2, interpolation=cv2.INTER_AREA)
+                ref = ref[:, ::-1] if flip else ref
+                flips += flip
+                diff = np.abs(output(b)[slot].permute(1, 2, 0).numpy().astype(int) - ref)
+                assert diff.mean() < 1.5 and diff.max() <= 10  # libjpeg-turbo builds differ by a few levels
+    assert 0 < flips < 48
 
 
 @pytest.mark.slow

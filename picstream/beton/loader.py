@@ -6,7 +6,8 @@ libjpeg-turbo + OpenCV crop-resize, threads); picstream decides what it visits a
   Every pass has the same length `L` (FFCV fixes `len` from the first pass); the last one is cut short.
   FFCV 1.0.2 accepts a custom order only through `ffcv.loader.loader.ORDER_MAP` (its isinstance check
   rejects classes), so the order is registered under a private key while the Loader is built.
-- Crops: `WindowCropDecoder`, a RandomResizedCrop decoder whose randomness is a hash of `(seed, view,
+- Crops: `WindowCropDecoder` (one per view, all reading the image field), a RandomResizedCrop
+  decoder whose randomness is a hash of `(seed, view,
   the batch's beton indices in order, slot)` instead of numba's thread-local RNG, and whose box and
   flip follow picstream's rule (`geometry.crop_box`, compiled by numba). So a batch is a function of
   `(seed, step)`: independent of FFCV's thread count, and identical after a resume.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..loader.geometry import _GOLDEN, DRAWS_PER_CROP, _mix64, crop_box
-from ..loader.stream import Batch
+from ..loader.stream import Batch, crop_specs
 from ..scheduler import batch_positions
 from .dataset import BetonSet, import_ffcv
 
@@ -101,15 +102,12 @@ def _order_class():
 
 class BetonLoader:
     """Same stream, split and `Batch` as `WindowLoader` (uint8 channels-last images, IDs, labels, step,
-    positions), read from a .beton by FFCV. `workers` = FFCV's decoding threads. One view only."""
+    positions, `multi_crop` views), read from a .beton by FFCV. `workers` = FFCV's decoding threads."""
 
     def __init__(self, beton: BetonSet, scheduler, batch_size: int, *, image_size: int = 224,
                  crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: bool = True, multi_crop=None,
                  rank: int = 0, world_size: int = 1, workers: int | None = None, start_step: int = 0,
                  num_steps: int | None = None, seed: int = 0, pass_steps: int | None = None):
-        if multi_crop:
-            raise ValueError("multi-crop views are not supported when training on a .beton; "
-                             "pack it with make_shards and train on the shards")
         if scheduler.num_instances != len(beton):
             raise ValueError(f"scheduler has {scheduler.num_instances} IDs, the .beton {len(beton)}")
         self.beton, self.scheduler, self.batch_size = beton, scheduler, batch_size
@@ -120,9 +118,15 @@ class BetonLoader:
         threads = torch.get_num_threads()
         loader_mod = import_ffcv("ffcv.loader.loader")
         transforms = import_ffcv("ffcv.transforms")
-        decoder = _decoder_class()(image_size, crop_scale, crop_ratio, flip, seed, 0)
+        pipeline = import_ffcv("ffcv.pipeline")
+        decoder = _decoder_class()
+        self.specs = crop_specs(image_size, crop_scale, crop_ratio, flip, multi_crop)
+        views = [decoder(s.size, s.scale, s.ratio, s.flip, seed, v) for v, s in enumerate(self.specs)]
         pipelines = {name: None for name in beton.reader.handlers if name != beton.image_field}
-        pipelines[beton.image_field] = [decoder, transforms.ToTensor()]
+        pipelines[beton.image_field] = [views[0], transforms.ToTensor()]
+        for v, view in enumerate(views[1:], 1):  # one decoder per extra view, on the same field
+            pipelines[f"picstream_view{v}"] = pipeline.PipelineSpec(beton.image_field, view,
+                                                                    [transforms.ToTensor()])
         key = object()  # see the module docstring: the only way FFCV 1.0.2 takes a custom order
         loader_mod.ORDER_MAP[key] = functools.partial(_order_class(), plan=self)
         try:
@@ -156,10 +160,10 @@ class BetonLoader:
             self.ffcv.next_epoch = p  # the pass FFCV asks WindowOrder for
             passes = iter(self.ffcv)
             try:
-                for n, (images,) in enumerate(passes):
+                for n, views in enumerate(passes):
                     if n == 0:  # FFCV's pass thread set torch's thread count before its first batch
                         torch.set_num_threads(threads)
-                    yield self._batch(step, images)
+                    yield self._batch(step, views)
                     step += 1
                     if step == stop:
                         break
@@ -167,14 +171,14 @@ class BetonLoader:
                 passes.close()
             p += 1
 
-    def _batch(self, step: int, images: torch.Tensor) -> Batch:
+    def _batch(self, step: int, views) -> Batch:
         ids = self._ids(step)
         positions = batch_positions(step, self.batch_size, self.rank, self.world_size)
         labels = self.beton.labels_of_indices(self.beton.beton_indices(ids))
         # FFCV reuses its output buffers: copy, as channels-last uint8 (b, 3, H, W)
-        out = images.permute(0, 3, 1, 2).clone(memory_format=torch.channels_last)
-        return Batch(images=out, ids=torch.from_numpy(ids), labels=torch.from_numpy(labels), step=step,
-                     positions=torch.from_numpy(positions), skipped=0, extra_crops=[])
+        out = [v.permute(0, 3, 1, 2).clone(memory_format=torch.channels_last) for v in views]
+        return Batch(images=out[0], ids=torch.from_numpy(ids), labels=torch.from_numpy(labels), step=step,
+                     positions=torch.from_numpy(positions), skipped=0, extra_crops=out[1:])
 
     def close(self) -> None:
         """Nothing to release beyond each pass's thread, closed when the pass ends."""
