@@ -174,27 +174,52 @@ def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
     return best["ours"], best["kornia"]
 
 
+def ffcv_child(shards: str, steps: int, workers: int) -> None:
+    """Print BetonLoader img/s on a .beton of the shards (written on first use). In its own process:
+    FFCV's threads must not be running when the other pipelines fork their workers."""
+    from picstream.beton import BetonSet
+    from picstream.beton.loader import BetonLoader
+    from picstream.beton.writer import write_beton
+
+    path = Path(shards).parent / "corpus.beton"
+    if not path.exists():
+        write_beton(ShardSet.open(shards), str(path), workers=workers)
+    beton = BetonSet(path)
+    sched = SlidingWindowScheduler(len(beton), min(len(beton), 4096), 512, seed=0)
+    loader = BetonLoader(beton, sched, BATCH, image_size=224, workers=workers, num_steps=steps)
+    ours = throughput(loader, (steps - 3) * BATCH)
+    # stock FFCV on the same file: its own RandomResizedCrop + flip (numba RNG), its random order
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    stock = Loader(str(path), BATCH, num_workers=workers, order=OrderOption.RANDOM, seed=0, pipelines={
+        "image": [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.2, 1.0)), RandomHorizontalFlip(),
+                  ToTensor()], "id": None, "label": None})
+    print(json.dumps({"img_s": ours, "stock_img_s": throughput(stock, min(len(stock) - 1, steps - 3) * BATCH)}))
+
+
 def row_ffcv(corpus: Path, shards: Path, ss, count: int, workers: int, rounds: int) -> dict | None:
     """decode + RRC(224) + flip, uint8, same images and cores: FFCV's Loader on a .beton of the same JPEG
     bytes (BetonLoader, `workers` threads) vs WindowLoader vs ImageFolder + RandomResizedCrop + flip."""
-    try:
-        from picstream.beton import BetonSet
-        from picstream.beton.loader import BetonLoader
-        from picstream.beton.writer import write_beton
-    except ImportError:
-        return None
+    import importlib.util
+
     import torchvision.transforms.v2 as T
+    if importlib.util.find_spec("ffcv") is None:
+        return None
     from torchvision.datasets import ImageFolder
 
-    beton = BetonSet(write_beton(ss, str(shards.parent / "corpus.beton"), workers=workers))
     steps = count // BATCH + 3
     tf = T.Compose([T.PILToTensor(), T.RandomResizedCrop(224, scale=(0.2, 1.0), antialias=True),
                     T.RandomHorizontalFlip()])
 
-    def ffcv() -> float:
-        sched = SlidingWindowScheduler(len(beton), min(len(beton), 4096), 512, seed=0)
-        return throughput(BetonLoader(beton, sched, BATCH, image_size=224, workers=workers, num_steps=steps),
-                          count)
+    stock = []
+
+    def beton() -> float:
+        res = subprocess.run([sys.executable, __file__, "--ffcv-child", str(shards), "--steps", str(steps),
+                              "--workers", str(workers)], check=True, capture_output=True, text=True)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        stock.append(out["stock_img_s"])
+        return out["img_s"]
 
     def ours() -> float:
         with window_loader(ss, steps, workers) as loader:
@@ -204,7 +229,7 @@ def row_ffcv(corpus: Path, shards: Path, ss, count: int, workers: int, rounds: i
         return throughput(torch.utils.data.DataLoader(
             ImageFolder(str(corpus), tf), batch_size=BATCH, shuffle=True, num_workers=workers,
             multiprocessing_context="fork"), count)
-    return best_of(rounds, ffcv=ffcv, ours=ours, folder=folder)
+    return {**best_of(rounds, ffcv=beton, ours=ours, folder=folder), "stock": max(stock)}
 
 
 def free_port() -> int:
@@ -288,11 +313,14 @@ def main() -> None:
     ap.add_argument("--decoders-only", action="store_true",
                     help="only the decode rows (e.g. to rerun with pillow-simd installed)")
     ap.add_argument("--memory-child")
+    ap.add_argument("--ffcv-child")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.workers)
+    if args.ffcv_child:
+        return ffcv_child(args.ffcv_child, args.steps, args.workers)
 
     copies, shard_size, count = (1, 128, 256) if args.quick else (8, 1024, 1024)
     rows = []
@@ -328,7 +356,8 @@ def main() -> None:
         if crop_rows is None:
             print("(FFCV rows skipped: ffcv is not installed; `make ffcv`)")
         else:
-            for other, label in (("ours", "WindowLoader"), ("folder", "ImageFolder+RRC+flip")):
+            for other, label in (("ours", "WindowLoader"), ("folder", "ImageFolder+RRC+flip"),
+                                 ("stock", "stock FFCV Loader (own RRC+flip)")):
                 rows.append((f"img/s decode+RRC+flip uint8: FFCV BetonLoader vs {label}",
                              f"{crop_rows['ffcv']:.1f}", f"{crop_rows[other]:.1f}",
                              crop_rows["ffcv"] / crop_rows[other]))

@@ -93,7 +93,7 @@ def test_webdataset_round_trip(samples, tmp_path):
 
 def test_webdataset_over_http_and_resume(samples, tmp_path):
     write_tars(tmp_path / "wds", samples, per_tar=16)
-    make_shards(tmp_path / "wds", tmp_path / "local", shard_size=8, seed=1, progress=False)
+    make_shards(tmp_path / "wds", tmp_path / "local", shard_size=8, seed=1, workers=2, progress=False)
     server, url = serve(tmp_path / "wds", RangeHandler)
     try:
         make_shards(url + "/{00000..00002}.tar", tmp_path / "remote", shard_size=8, seed=1, progress=False)
@@ -198,7 +198,7 @@ def test_parquet_round_trip(samples, tmp_path):
     for p in [out / "manifest.json", *out.glob("shard-00000[1-9].*")]:
         p.unlink()
     opts = SourceOptions(label_column="fine")
-    summary = make_shards(src, out, shard_size=8, progress=False, source=opts)
+    summary = make_shards(src, out, shard_size=8, workers=2, progress=False, source=opts)
     assert summary.resumed_shards == 1 and shard_files(out) == complete
     make_shards(str(src / "train-{0..1}.parquet"), tmp_path / "brace", shard_size=8, progress=False,
                 source=opts)

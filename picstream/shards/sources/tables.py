@@ -19,7 +19,7 @@ import fsspec
 
 from ..convert import EMPTY, READ_ERROR, Skip
 from ..format import ShardsError
-from .base import Input, Listing, code_labels, expand, is_url, relative
+from .base import Input, Listing, code_labels, common_root, expand, is_url, relative
 
 BATCH_ROWS = 256  # rows per record batch while streaming (bounds memory with large images)
 
@@ -69,7 +69,8 @@ def list_table(src: str, kind: str, *, labels: bool, image_column: str | None, l
         raise ShardsError(f"no label column {label_column!r} in {files[0]} (columns: {', '.join(schema.names)})")
     label_column = label_column or ("label" if "label" in schema.names else None)
     label_column = label_column if labels else None
-    key = json.dumps([kind, files, image_column, label_column]).encode()
+    sizes = [fsspec.core.url_to_fs(f, **storage_options)[0].size(f) for f in files]  # changed: re-staged
+    key = json.dumps([kind, files, sizes, image_column, label_column]).encode()
     staged = os.path.join(staging_dir, hashlib.sha256(key).hexdigest()[:20] + ".arrow")
     if not os.path.exists(staged):
         _stage(files, root, kind, image_column, label_column, storage_options, staged)
@@ -93,7 +94,8 @@ def _dataset_files(src: str, so: dict) -> tuple[list[str], str]:
     fs, path = fsspec.core.url_to_fs(src, **so)
     state = json.loads(fs.cat_file(path.rstrip("/") + "/state.json"))
     files = [src.rstrip("/") + "/" + f["filename"] for f in state["_data_files"]]
-    return [os.path.abspath(f) if not is_url(f) else f for f in files], src.rstrip("/")
+    files = [os.path.abspath(f) if not is_url(f) else f for f in files]
+    return files, common_root(files)
 
 
 def _schema(url: str, kind: str, so: dict):
