@@ -206,7 +206,7 @@ def test_parquet_round_trip(samples, tmp_path):
 
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), str(tmp_path / "x"),
                           "--label-column", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("make_shards: error: no label column 'nope'")
+    assert bad.returncode == 2 and bad.stderr.startswith("make_shards: error: no label column 'nope'")
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
