@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from .beton import BetonSet, is_beton
 from .loader import WindowLoader
-from .shards import ShardSet
+from .shards import ShardSet, ShardsError
 
 
 def open_train_set(url: str, *, seed: int = 0):
-    """`ShardSet` for a manifest (or its folder), `BetonSet` for a `.beton` (its ID order from `seed`)."""
-    return BetonSet(url, seed=seed) if is_beton(url) else ShardSet.open(url)
+    """`ShardSet` for a manifest (or its folder), `BetonSet` for a `.beton` (its ID order from `seed`);
+    a .beton that cannot be opened is a `ShardsError` too (one line from the CLI)."""
+    if not is_beton(url):
+        return ShardSet.open(url)
+    try:
+        return BetonSet(url, seed=seed)
+    except (OSError, ValueError, ImportError, AssertionError) as e:  # AssertionError: FFCV's version check
+        raise ShardsError(f"cannot open {url}: {e}") from None
 
 
 def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache_bytes=None, augment=None,

@@ -251,3 +251,7 @@ def test_training_on_a_beton_in_place(ffcv, shapes_shards, tmp_path):
     final = [load_checkpoint(list_checkpoints(d / "checkpoints")[-1]) for d in (reference, resumed)]
     for key, value in final[0]["model"].items():
         assert torch.equal(value, final[1]["model"][key]), key
+    missing = subprocess.run(train_cmd(tmp_path / "x", tmp_path / "missing.beton"), capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"picstream-train: error: cannot open {tmp_path / 'missing.beton'}: no such .beton file: "
+        f"{tmp_path / 'missing.beton'}"]

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+from ..shards.retry import RetryStats
+
 ID_FIELD = "id"  # written by `write_beton`: the picstream ID of each sample (= its beton index)
 
 
@@ -59,6 +61,7 @@ class BetonSet:
         self.order = (np.arange(n, dtype=np.int64) if picstream_order
                       else np.random.default_rng(seed).permutation(n).astype(np.int64))
         self.seed = seed
+        self.retry_stats = RetryStats()  # what the trainer reads from a train set: a local file never retries
 
     def __len__(self) -> int:
         return len(self.order)
