@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from picstream.loader.cache import ShardReader  # noqa: E402
-from picstream.loader.decode import decode_crops  # noqa: E402
+from picstream.loader.decode import DEFAULT_FULL, decode_crops  # noqa: E402
 from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
         })
         timings.update(interleaved_best(1, {
             "read_sample + decode + crop 224": lambda: [
-                decode_crops(reader.read_sample(i)[0], u[n], [spec], [view], "torchvision")
+                decode_crops(reader.read_sample(i)[0], u[n], [spec], [view], DEFAULT_FULL)
                 for n, i in enumerate(ids)],
         }))
         per_shard = interleaved_best(args.repeat, {"sha": lambda: hashlib.sha256(shard_bytes).digest()})

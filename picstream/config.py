@@ -318,6 +318,6 @@ def validate(config: Config) -> None:
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
         raise ConfigError("config key 'classifier.recent_k' must be >= 'optim.batch_size'")
     if not config.data.train:
-        raise ConfigError("config key 'data.train' must name a shard manifest (path or URL)")
+        raise ConfigError("config key 'data.train' must name a shard manifest (path or URL) or a .beton")
     if len(config.data.crop_scale) != 2 or not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
         raise ConfigError("config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1")

@@ -23,14 +23,15 @@ from .classifier import build_classifier
 from .config import Config, ConfigError, config_changes, config_from_dict, load_config
 from .device import resolve_device
 from .evaluate import extract_splits, knn_classify
-from .loader import PhotometricAugment, WindowLoader
+from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
 from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
-from .shards import ShardSet, ShardsError
+from .shards import ShardsError
+from .train_data import open_train_set, train_loader
 
 
 RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
@@ -66,7 +67,7 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.workers))
         torch.manual_seed(config.run.seed)
 
-        self.shards = ShardSet.open(config.data.train) if num_instances is None else None
+        self.shards = open_train_set(config.data.train, seed=config.run.seed) if num_instances is None else None
         self.num_instances = len(self.shards) if num_instances is None else num_instances
         optim = config.optim
         self.global_batch = optim.batch_size
@@ -286,11 +287,11 @@ class Trainer:
             metrics.close()
         return last
 
-    def make_loader(self) -> WindowLoader:
-        """The training stream from `start_step` to `total_steps` (colour augmentation in the
-        loader's workers when there is no accelerator)."""
+    def make_loader(self):
+        """The training stream from `start_step` to `total_steps`: WindowLoader on shards, BetonLoader on a
+        .beton (`train_data`); colour augmentation in the loader's workers when there is no accelerator."""
         config = self.config
-        return WindowLoader(
+        return train_loader(
             self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
             crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
             start_step=self.start_step, num_steps=self.total_steps - self.start_step,

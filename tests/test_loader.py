@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
+from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from picstream.loader import EvalLoader, WindowLoader
@@ -45,8 +45,7 @@ def labelled(imagenet_sample_dir, tmp_path_factory) -> ShardSet:
 
 
 def decoded(ss: ShardSet, sample_id: int) -> torch.Tensor:
-    return decode_image(torch.frombuffer(bytearray(ss.read(sample_id)), dtype=torch.uint8),
-                        mode=ImageReadMode.RGB)
+    return decode_jpeg(ss.read(sample_id), mode="RGB")
 
 
 def reference_crop(ss: ShardSet, sample_id: int, position: int, seed: int, spec: CropSpec,
@@ -83,10 +82,11 @@ def test_crop_geometry_matches_torchvision_distribution():
     assert tiny[:4] == (0, (400 - round(10 * 4 / 3)) // 2, 10, round(10 * 4 / 3))
 
 
-def test_crops_match_independent_reference(photos):
+@pytest.mark.parametrize("decoder", ["simplejpeg", "torchcodec"])
+def test_crops_match_independent_reference(photos, decoder):
     sched = SlidingWindowScheduler(len(photos), 48, 16, seed=3)
     loader = WindowLoader(photos, sched, 8, image_size=96, workers=0, num_steps=2, seed=11,
-                          decoder="torchvision")
+                          decoder=decoder)
     spec = loader.specs[0]
     flips = 0
     for b in batches(loader):
@@ -127,7 +127,7 @@ def test_same_batches_for_any_worker_count(labelled):
 
 def test_labels_and_extra_crop_scales(labelled):
     sched = EpochScheduler(len(labelled), seed=0)
-    loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="torchvision",
+    loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="simplejpeg",
                           multi_crop=[(24, 1), (8, 2)])
     assert [s.scale for s in loader.specs] == [(0.2, 1.0), (0.2, 1.0), (0.05, 0.14), (0.05, 0.14)]
     for b in batches(loader):
