@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -63,7 +62,6 @@ def _collect(grid, scale, out: Path, batch: int, num_instances: int):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     scale = SCALES[args.scale]
     page = args.page or Path("docs/results.md" if scale.name == "cpu" else f"docs/results-{scale.name}.md")
@@ -88,7 +86,6 @@ def main(argv=None) -> int:
         results[name], curves[name] = _collect(grids[name], scale, args.out, batch, num_instances)
     shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
     found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
-    write_page(page, scale, shown, results, curves, random_init, found_seeds,
-               "python tools/reproduce.py " + shlex.join(argv))
+    write_page(page, scale, shown, results, curves, random_init, found_seeds)
     print(f"reproduce: wrote {page}")
     return 0
