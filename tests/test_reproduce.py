@@ -16,7 +16,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "reproduce.py"
 
 
 def test_verdict_says_when_seeds_do_not_separate():
-    assert verdict([40.0, 41.0], [30.0, 31.0]).startswith("holds: +10.0")
+    assert verdict([40.0, 41.0], [30.0, 31.0]).startswith("holds: +10.0 points, each of 2 seeds")
     assert "inside the seed noise" in verdict([40.0, 35.0], [38.0, 36.0])
     assert verdict([30.0, 31.0], [40.0, 41.0]).startswith("reversed")
     assert "no estimate of the seed noise" in verdict([40.0], [30.0])

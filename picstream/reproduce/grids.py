@@ -48,7 +48,8 @@ SCALES = {
         description=("CIFAR-10 subset: 250 training images (25 per class) pre-trained, k-NN with a "
                      "3000-image bank (300 per class) on 1000 test images; ResNet-18 with the ImageNet "
                      "stem at 32 px (the CIFAR stem is ~10x slower on CPU), batch 125, lr 0.24, "
-                     "K = 128 < N, W = 128, S = 32; every instance is visited once per epoch"),
+                     "K = 128 < N, W = 128, S = 32; 100 epochs = 100 visits of every instance (the learning "
+                     "test's budget; table4's short budget is 25)"),
         per_class=(25, 300, 100),
         base=("model.arch=resnet18", "model.cifar_stem=false", "model.head_hidden=512",
               "data.image_size=32", "data.workers=0", "augment.blur_p=0", "optim.batch_size=125",

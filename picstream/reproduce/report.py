@@ -35,7 +35,9 @@ def verdict(better: list[float], worse: list[float]) -> str:
     if min(len(better), len(worse)) < 2:
         return f"{gap:+.1f} points with one seed: no estimate of the seed noise, so no conclusion"
     if min(better) > max(worse):
-        return f"holds: {gap:+.1f} points, every seed above every seed of the other"
+        return (f"holds: {gap:+.1f} points, each of {len(better)} seeds above each of {len(worse)} "
+                f"(weak evidence with so few seeds)" if min(len(better), len(worse)) < 3 else
+                f"holds: {gap:+.1f} points, each of {len(better)} seeds above each of {len(worse)}")
     if max(better) < min(worse):
         return f"reversed at this scale: {gap:+.1f} points, every seed below"
     return f"{gap:+.1f} points, inside the seed noise (the seeds' ranges overlap): this scale shows no difference"
