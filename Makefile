@@ -5,7 +5,10 @@ STAMP := $(VENV)/.installed-stamp
 # PyTorch is pinned to the release available from the local wheel mirror (no multi-GB download).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench gpu-check clean
+# FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
+FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
+
+.PHONY: install demo test bench gpu-check ffcv parquet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +17,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Optional: FFCV .beton support (`.[ffcv]`); installs the system libraries first when run as root.
+ffcv: $(STAMP)
+	@if pkg-config --exists opencv4 libturbojpeg; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FFCV_APT); \
+	else \
+		echo "make ffcv: FFCV needs OpenCV and libjpeg-turbo headers; as root run:" >&2; \
+		echo "  apt-get install -y $(FFCV_APT)   (or your system's equivalents), then make ffcv" >&2; \
+		exit 2; \
+	fi
+	$(VENV)/bin/pip install --quiet -e ".[dev,ffcv]"
+
+# Optional: parquet and Hugging Face `datasets` sources for make_shards (`.[parquet]`).
+parquet: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[dev,parquet]"
 
 demo: $(STAMP)
 	$(VENV)/bin/picstream-demo

@@ -4,9 +4,12 @@ Rows (ImageNet sample photos repeated to >= 8k images, 1k with --quick, packed b
   1. full SimCLR augmentation, images/s with the same CPU workers: WindowLoader + batched
      PhotometricAugment (in the CPU workers) vs torchvision ImageFolder + transforms; and the
      loader alone (decode + crop + flip: the CPU's share when the photometric part runs on a GPU);
-  2. decode + RandomResizedCrop + flip vs decode only of the same bytes (one core); the batched
-     photometric part alone vs kornia's (one core);
-  3. remote shards (HTTP on 127.0.0.1) vs local shards, same pipeline;
+  2. decode + RandomResizedCrop + flip vs decode only of the same bytes (one core); every JPEG
+     decoder on the same bytes (one core: simplejpeg, TorchCodec, Pillow or pillow-simd, torchvision.io);
+     the batched photometric part alone vs kornia's (one core);
+  3. decode + RandomResizedCrop + flip with the same workers: FFCV's Loader on a .beton of the same
+     bytes (BetonLoader) vs WindowLoader vs ImageFolder (skipped without the ffcv extra);
+     remote shards (HTTP on 127.0.0.1) vs local shards, same pipeline;
   4. peak RSS with W = 131072 on a ~1M-ID manifest vs the real small manifest.
 
     python benchmarks/loader.py [--quick] [--data DIR] [--workers 2]
@@ -23,6 +26,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from picstream.loader import PhotometricAugment, WindowLoader  # noqa: E402
-from picstream.loader.decode import decode, decode_crops  # noqa: E402
+from picstream.loader.decode import DECODERS, DEFAULT_FULL, decode, decode_crops  # noqa: E402
 from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms  # noqa: E402
 from picstream.scheduler import SlidingWindowScheduler  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
@@ -114,20 +118,36 @@ def row_simclr(corpus: Path, ss, count: int, workers: int, rounds: int) -> tuple
     return best["ours"], best["cpu_part"], best["baseline"]
 
 
-def row_decode(ss, count: int, rounds: int) -> tuple[float, float, float]:
+def decoder_candidates() -> dict:
+    """Full JPEG decoders to compare on the same bytes: picstream's (simplejpeg, TorchCodec, Pillow or
+    pillow-simd, whichever PIL is installed) and torchvision.io's deprecated one, called directly."""
+    import PIL
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def torchvision_io(d: bytes):
+        with warnings.catch_warnings():   # deprecated on every call; measured here for comparison
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    pil = "pillow-simd" if "post" in PIL.__version__ else "Pillow"
+    out = {name: (lambda d, n=name: decode(d, n)) for name in DECODERS if name not in ("auto", "pil")}
+    return {**out, f"{pil} {PIL.__version__}": lambda d: decode(d, "pil"), "torchvision.io": torchvision_io}
+
+
+def row_decode(ss, count: int, rounds: int) -> tuple[float, dict[str, float]]:
+    """decode + RRC(224) + flip with the default decoder, and each full decoder alone (one core)."""
     datas = [ss.read(i) for i in range(min(count, len(ss)))]
     u = sample_uniforms(0, np.arange(len(datas)), DRAWS_PER_CROP)
     spec, out = [CropSpec(224)], [torch.empty(224, 224, 3, dtype=torch.uint8)]
-    best = {"tv": 0.0, "pil": 0.0, "crop": 0.0}
+    fns = {"crop": lambda d, i: decode_crops(d, [u[i]], spec, out, "auto")}
+    fns.update({name: (lambda d, i, f=f: f(d)) for name, f in decoder_candidates().items()})
+    best = dict.fromkeys(fns, 0.0)
     for _ in range(rounds):   # interleaved, best of each: the machine is shared
-        for name, fn in (("tv", lambda d, i: decode(d, "torchvision")),
-                         ("pil", lambda d, i: decode(d, "pil")),
-                         ("crop", lambda d, i: decode_crops(d, [u[i]], spec, out, "auto"))):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             for i, d in enumerate(datas):
                 fn(d, i)
             best[name] = max(best[name], len(datas) / (time.perf_counter() - t0))
-    return best["crop"], best["tv"], best["pil"]
+    return best.pop("crop"), best
 
 
 def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
@@ -152,6 +172,64 @@ def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
     best = best_of(rounds, ours=timed(lambda: ours(x, gen)),
                    kornia=timed(lambda: kornia(x.float() / 255)))
     return best["ours"], best["kornia"]
+
+
+def ffcv_child(shards: str, steps: int, workers: int) -> None:
+    """Print BetonLoader img/s on a .beton of the shards (written on first use). In its own process:
+    FFCV's threads must not be running when the other pipelines fork their workers."""
+    from picstream.beton import BetonSet
+    from picstream.beton.loader import BetonLoader
+    from picstream.beton.writer import write_beton
+
+    path = Path(shards).parent / "corpus.beton"
+    if not path.exists():
+        write_beton(ShardSet.open(shards), str(path), workers=workers)
+    beton = BetonSet(path)
+    sched = SlidingWindowScheduler(len(beton), min(len(beton), 4096), 512, seed=0)
+    loader = BetonLoader(beton, sched, BATCH, image_size=224, workers=workers, num_steps=steps)
+    ours = throughput(loader, (steps - 3) * BATCH)
+    # stock FFCV on the same file: its own RandomResizedCrop + flip (numba RNG), its random order
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    stock = Loader(str(path), BATCH, num_workers=workers, order=OrderOption.RANDOM, seed=0, pipelines={
+        "image": [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.2, 1.0)), RandomHorizontalFlip(),
+                  ToTensor()], "id": None, "label": None})
+    print(json.dumps({"img_s": ours, "stock_img_s": throughput(stock, min(len(stock) - 1, steps - 3) * BATCH)}))
+
+
+def row_ffcv(corpus: Path, shards: Path, ss, count: int, workers: int, rounds: int) -> dict | None:
+    """decode + RRC(224) + flip, uint8, same images and cores: FFCV's Loader on a .beton of the same JPEG
+    bytes (BetonLoader, `workers` threads) vs WindowLoader vs ImageFolder + RandomResizedCrop + flip."""
+    import importlib.util
+
+    import torchvision.transforms.v2 as T
+    if importlib.util.find_spec("ffcv") is None:
+        return None
+    from torchvision.datasets import ImageFolder
+
+    steps = count // BATCH + 3
+    tf = T.Compose([T.PILToTensor(), T.RandomResizedCrop(224, scale=(0.2, 1.0), antialias=True),
+                    T.RandomHorizontalFlip()])
+
+    stock = []
+
+    def beton() -> float:
+        res = subprocess.run([sys.executable, __file__, "--ffcv-child", str(shards), "--steps", str(steps),
+                              "--workers", str(workers)], check=True, capture_output=True, text=True)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        stock.append(out["stock_img_s"])
+        return out["img_s"]
+
+    def ours() -> float:
+        with window_loader(ss, steps, workers) as loader:
+            return throughput(loader, count)
+
+    def folder() -> float:
+        return throughput(torch.utils.data.DataLoader(
+            ImageFolder(str(corpus), tf), batch_size=BATCH, shuffle=True, num_workers=workers,
+            multiprocessing_context="fork"), count)
+    return {**best_of(rounds, ffcv=beton, ours=ours, folder=folder), "stock": max(stock)}
 
 
 def free_port() -> int:
@@ -232,12 +310,17 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (best kept)")
+    ap.add_argument("--decoders-only", action="store_true",
+                    help="only the decode rows (e.g. to rerun with pillow-simd installed)")
     ap.add_argument("--memory-child")
+    ap.add_argument("--ffcv-child")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.workers)
+    if args.ffcv_child:
+        return ffcv_child(args.ffcv_child, args.steps, args.workers)
 
     copies, shard_size, count = (1, 128, 256) if args.quick else (8, 1024, 1024)
     rows = []
@@ -248,21 +331,36 @@ def main() -> None:
         print(f"{len(ss)} images in {ss.num_shards} shards, {args.workers} workers, "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs")
 
-        ours, cpu_part, base = row_simclr(corpus, ss, count, args.workers, args.rounds)
-        rows.append(("SimCLR aug img/s, all on CPU: WindowLoader(augment=) vs ImageFolder",
-                     f"{ours:.1f}", f"{base:.1f}", ours / base))
-        rows.append(("img/s CPU part when photometric runs on a GPU vs ImageFolder",
-                     f"{cpu_part:.1f}", f"{base:.1f}", cpu_part / base))
-        crop, tv, pil = row_decode(ss, count // 2, args.rounds + 1)
-        rows.append(("img/s decode+RRC+flip vs decode only (torchvision; 1 core)",
-                     f"{crop:.0f}", f"{tv:.0f}", crop / tv))
-        rows.append(("img/s decode only: Pillow vs torchvision (1 core)", f"{pil:.0f}", f"{tv:.0f}",
-                     pil / tv))
+        if not args.decoders_only:
+            ours, cpu_part, base = row_simclr(corpus, ss, count, args.workers, args.rounds)
+            rows.append(("SimCLR aug img/s, all on CPU: WindowLoader(augment=) vs ImageFolder",
+                         f"{ours:.1f}", f"{base:.1f}", ours / base))
+            rows.append(("img/s CPU part when photometric runs on a GPU vs ImageFolder",
+                         f"{cpu_part:.1f}", f"{base:.1f}", cpu_part / base))
+        crop, decoders = row_decode(ss, count // 2, args.rounds + 1)
+        full = decoders[DEFAULT_FULL]
+        rows.append((f"img/s decode+RRC+flip vs decode only ({DEFAULT_FULL}; 1 core)",
+                     f"{crop:.0f}", f"{full:.0f}", crop / full))
+        for name, rate in decoders.items():
+            rows.append((f"img/s decode only (1 core): {name} vs torchvision.io", f"{rate:.0f}",
+                         f"{decoders['torchvision.io']:.0f}", rate / decoders["torchvision.io"]))
+        if args.decoders_only:
+            return print_table(rows, f"RESULT: decode only, {DEFAULT_FULL} (the default) "
+                                     f"{full / decoders['torchvision.io']:.2f}x torchvision.io, one core")
         photometric = row_kornia(args.rounds + 1)
         if photometric:
             rows.append(("img/s batched photometric (1 core): PhotometricAugment vs kornia",
                          f"{photometric[0]:.1f}", f"{photometric[1]:.1f}",
                          photometric[0] / photometric[1]))
+        crop_rows = row_ffcv(corpus, shards, ss, count, args.workers, args.rounds)
+        if crop_rows is None:
+            print("(FFCV rows skipped: ffcv is not installed; `make ffcv`)")
+        else:
+            for other, label in (("ours", "WindowLoader"), ("folder", "ImageFolder+RRC+flip"),
+                                 ("stock", "stock FFCV Loader (own RRC+flip)")):
+                rows.append((f"img/s decode+RRC+flip uint8: FFCV BetonLoader vs {label}",
+                             f"{crop_rows['ffcv']:.1f}", f"{crop_rows[other]:.1f}",
+                             crop_rows["ffcv"] / crop_rows[other]))
         far, local, far_cold, local_cold = row_remote(shards, ss, count, args.workers, args.rounds)
         rows.append(("img/s remote (HTTP, loopback) vs local shards, decode+crop",
                      f"{far:.1f}", f"{local:.1f}", far / local))
@@ -273,13 +371,17 @@ def main() -> None:
         rows.append((f"peak RSS MB, W=2^17: {big['ids']} IDs vs {small['ids']} IDs",
                      f"{peak(big):.0f}", f"{peak(small):.0f}", peak(big) / peak(small)))
 
+    print_table(rows, f"RESULT: SimCLR augmentation all on CPU {rows[0][3]:.2f}x torchvision "
+                      f"ImageFolder+transforms ({rows[1][3]:.2f}x with the photometric part on an "
+                      f"accelerator), {args.workers} CPU workers")
+
+
+def print_table(rows: list, result: str) -> None:
     width = max(len(r[0]) for r in rows)
     print(f"{'row':<{width}}  {'ours':>8}  {'baseline':>8}  {'ratio':>6}")
     for name, a, b, ratio in rows:
         print(f"{name:<{width}}  {a:>8}  {b:>8}  {ratio:>6.2f}")
-    print(f"RESULT: SimCLR augmentation all on CPU {rows[0][3]:.2f}x torchvision "
-          f"ImageFolder+transforms ({rows[1][3]:.2f}x with the photometric part on an accelerator), "
-          f"{args.workers} CPU workers")
+    print(result)
 
 
 if __name__ == "__main__":

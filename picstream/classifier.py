@@ -38,11 +38,12 @@ class RecentClassifier:
     """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`."""
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
-                 momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None):
+                 momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None,
+                 compact_min_steps: int = 1024):
         self.store, self.loss, self.temperature = store, loss, temperature
         self.store_url = store_url
         self.log = TransitionLog(momentum, weight_decay)
-        self.rows = RecentRows(store, self.log, capacity, device, dtype, correction)
+        self.rows = RecentRows(store, self.log, capacity, device, dtype, correction, compact_min_steps)
         self._leaf: torch.Tensor | None = None
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,13 +168,14 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                      storage_options: dict | None = None, seed: int = 0, chunk_rows: int = 4096,
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
                      device="cpu", fresh: bool = False, run_id: str | None = None,
-                     durable: bool = False):
+                     durable: bool = False, compact_min_steps: int = 1024):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
     ``store_url`` (opened if it exists, else created for ``run_id``; a temporary folder when None).
     ``fresh=True`` starts from initial rows: an existing store of the same ``run_id`` is replaced, one
-    of another run is refused. ``durable`` makes store commits survive a power loss.
+    of another run is refused. ``durable`` makes store commits survive a power loss. The transition
+    log folds steps no stored row can start from, ``compact_min_steps`` at a time.
     ``sampling='full'`` is the dense reference over all N rows.
     """
     if loss not in ("cosine", "plain"):
@@ -203,4 +205,4 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
         raise ValueError(f"row store at {url} has shape ({store.num_rows}, {store.dim}), "
                          f"dtype {store.dtype}; expected ({num_rows}, {dim}), {np_dtype}")
     return RecentClassifier(store, min(capacity, num_rows), correction=correction, device=device,
-                            dtype=dtype, store_url=url, **common)
+                            dtype=dtype, store_url=url, compact_min_steps=compact_min_steps, **common)

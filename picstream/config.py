@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,8 +234,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections "
+                              f"({', '.join(f.name for f in dataclasses.fields(Config))}), "
+                              f"got a {type(data).__name__}")
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
 
 
@@ -266,7 +273,14 @@ def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Value and cross-field checks that types alone cannot express."""
+    for section in dataclasses.fields(config):
+        for f in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"config key '{section.name}.{f.name}' must be a finite number, "
+                                      f"got {v}")
     positive = {
         "optim.batch_size": config.optim.batch_size,
         "optim.base_lr": config.optim.base_lr,
@@ -280,16 +294,37 @@ def validate(config: Config) -> None:
         "model.feature_dim": config.model.feature_dim,
         "train.checkpoint_every": config.train.checkpoint_every,
         "train.keep_checkpoints": config.train.keep_checkpoints,
+        "train.log_every": config.train.log_every,
+        "train.max_steps": 1 if config.train.max_steps is None else config.train.max_steps,
+        "model.head_hidden": config.model.head_hidden,
+        "optim.base_batch_size": config.optim.base_batch_size,
+        "data.cache_gb": config.data.cache_gb,
+        "monitor.k": config.monitor.k,
+        "monitor.temperature": config.monitor.temperature,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    non_negative = {
+        "data.workers": config.data.workers,
+        "optim.warmup_epochs": config.optim.warmup_epochs,
+        "optim.momentum": config.optim.momentum,
+        "optim.weight_decay": config.optim.weight_decay,
+        "monitor.every_steps": config.monitor.every_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for f in dataclasses.fields(AugmentConfig):
+        value = getattr(config.augment, f.name)
+        if f.name.endswith("_p") and not 0 <= value <= 1:
+            raise ConfigError(f"config key 'augment.{f.name}' must be in [0, 1], got {value}")
     if config.schedule.stride > config.schedule.window:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
         raise ConfigError("config key 'classifier.recent_k' must be >= 'optim.batch_size'")
     if not config.data.train:
-        raise ConfigError("config key 'data.train' must name a shard manifest (path or URL)")
+        raise ConfigError("config key 'data.train' must name a shard manifest (path or URL) or a .beton")
     if len(config.data.crop_scale) != 2 or not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
         raise ConfigError("config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1")
     for i, item in enumerate(config.data.multi_crop):

@@ -20,7 +20,7 @@ from .device import resolve_device
 from .export import backbone_state_dict
 from .loader import EvalLoader, normalize
 from .model import build_backbone
-from .shards import ShardSet
+from .shards import ShardSet, ShardsError
 
 
 @dataclass
@@ -157,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             result = knn_classify(train, val, k=args.k, temperature=args.temperature)
         else:
             result = linear_probe(train, val, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    except (ValueError, FileNotFoundError, ConfigError) as err:
+    except (ValueError, FileNotFoundError, ConfigError, ShardsError) as err:
         print(f"picstream-eval: error: {err}", file=sys.stderr)
         return 2
     result = {"protocol": args.protocol, **result}

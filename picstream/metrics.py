@@ -87,6 +87,6 @@ def _fmt(value: Any) -> str:
 
 
 def _progress_text(record: dict[str, Any]) -> str:
-    keys = ("epoch", "loss", "lr", "images_per_s", "min_row_norm", "device_mem_mb", "skipped")
+    keys = ("epoch", "loss", "lr", "images_per_s", "min_row_norm", "device_mem_mb", "skipped", "retries")
     short = {"images_per_s": "img/s", "min_row_norm": "min|w|", "device_mem_mb": "mem_MB"}
     return " ".join(f"{short.get(k, k)}={_fmt(record[k])}" for k in keys if k in record)

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,15 +22,19 @@ from .classifier import build_classifier
 from .config import Config, ConfigError, config_changes, config_from_dict, load_config
 from .device import resolve_device
 from .evaluate import extract_splits, knn_classify
-from .loader import PhotometricAugment, WindowLoader
+from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
 from .multicrop import loader_crops, multi_view_loss
-from .rowstore import StoreError
+from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
-from .shards import ShardSet
+from .shards import ShardsError
+from .train_data import open_train_set, train_loader
+
+
+RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
 
 
 def step_seed(seed: int, step: int, view: int = 0) -> int:
@@ -63,7 +68,7 @@ class Trainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.workers))
         torch.manual_seed(config.run.seed)
 
-        self.shards = ShardSet.open(config.data.train) if num_instances is None else None
+        self.shards = open_train_set(config.data.train, seed=config.run.seed) if num_instances is None else None
         self.num_instances = len(self.shards) if num_instances is None else num_instances
         optim = config.optim
         self.global_batch = optim.batch_size
@@ -99,9 +104,15 @@ class Trainer:
             capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
             momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
             store_url=self.store_url, seed=config.run.seed, chunk_rows=cls.chunk_rows,
-            cache_rows=self.scheduler.window + self.scheduler.stride, device=self.device,
+            cache_rows=window_cache_rows(self.scheduler.window, self.scheduler.stride, cls.chunk_rows),
+            device=self.device,
             fresh=resumed is None, run_id=self.run_id, durable=config.train.durability == "power")
         self.start_step = 0 if resumed is None else self._load(*resumed)
+        history = cls.recent_k / self.global_batch
+        if cls.sampling == "recent" and history < RECENT_STEPS:
+            self._say(f"note: classifier.recent_k = {cls.recent_k} holds {history:.3g} steps of negatives at "
+                      f"global batch {self.global_batch}; the paper keeps K/B = {RECENT_STEPS} "
+                      f"(K = 65536 at 512): consider recent_k = {RECENT_STEPS * self.global_batch}")
 
     # ------------------------------------------------------------------ run identity and resume
     def _lock(self) -> list[RunLock]:
@@ -256,11 +267,14 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
                                 show_progress=self.show_progress)
         last: dict[str, Any] = {}
-        skipped = 0
+        skip_reasons: Counter[str] = Counter()
+        retries: Counter[str] = Counter()   # remote read retries, loader workers and this process
         try:
             for batch in loader:
                 step = batch.step
-                skipped += batch.skipped
+                skip_reasons.update(batch.skip_reasons)
+                retries.update(batch.retries)
+                retries.update(self.shards.retry_stats.drain())
                 self.prefetch_rows(step)
                 result = self.train_step(step, batch.images, batch.ids, batch.extra_crops)
                 done = step + 1
@@ -270,7 +284,10 @@ class Trainer:
                         "epoch": done * self.global_batch / self.num_instances,
                         "min_row_norm": self.classifier.min_row_norm(),
                         "device_mem_mb": self._device_memory_mb(),
-                        "skipped": skipped,
+                        "skipped": sum(skip_reasons.values()),
+                        "skip_reasons": dict(skip_reasons),
+                        "retries": sum(retries.values()),
+                        "retries_by_read": dict(retries),
                     }, images_per_step=self.global_batch)
                 if config.monitor.every_steps and done % config.monitor.every_steps == 0:
                     metrics.event(step, {"knn_top1": self.knn_monitor()["top1"]})
@@ -281,11 +298,11 @@ class Trainer:
             metrics.close()
         return last
 
-    def make_loader(self) -> WindowLoader:
-        """The training stream from `start_step` to `total_steps` (colour augmentation in the
-        loader's workers when there is no accelerator)."""
+    def make_loader(self):
+        """The training stream from `start_step` to `total_steps`: WindowLoader on shards, BetonLoader on a
+        .beton (`train_data`); colour augmentation in the loader's workers when there is no accelerator."""
         config = self.config
-        return WindowLoader(
+        return train_loader(
             self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
             crop_scale=tuple(config.data.crop_scale), multi_crop=loader_crops(config.data.multi_crop),
             workers=config.data.workers,
@@ -326,6 +343,29 @@ class Trainer:
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
+def _check_resume_arg(resume: str) -> None:
+    """`--resume` is 'auto', 'none' or a loadable checkpoint file (checked before anything is written)."""
+    if resume in ("auto", "none"):
+        return
+    if not Path(resume).is_file():
+        raise ConfigError(f"--resume: no checkpoint file at {resume} (use 'auto', 'none' or a "
+                          "ckpt-*.pt path)")
+    try:
+        load_checkpoint(Path(resume), mmap=True)
+    except ValueError as err:
+        raise ConfigError(f"--resume: {err}") from None
+
+
+def _check_output_dir(run_dir: Path) -> None:
+    """`run.output_dir` (or the folder it would be created in) must be a writable directory."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key 'run.output_dir': cannot write to {run_dir} "
+                          f"({existing} is {'read-only' if existing.is_dir() else 'not a directory'})")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="picstream-train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -335,12 +375,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        _check_resume_arg(args.resume)
+        _check_output_dir(Path(config.run.output_dir))
         trainer = Trainer(config, resume=args.resume)
         try:
             result = trainer.run()
         finally:
             trainer.close()
-    except (ConfigError, StoreError) as err:
+    except (ConfigError, ShardsError, StoreError) as err:
         print(f"picstream-train: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

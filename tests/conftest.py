@@ -1,6 +1,7 @@
 """Shared fixtures: the read-only data sets beside the repository, extracted once per session."""
 from __future__ import annotations
 
+import importlib
 import os
 import tarfile
 from pathlib import Path
@@ -13,6 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def shared_data_dir() -> Path:
     """Where the read-only data sets live (`PICSTREAM_SHARED_DATA` overrides `../shared/data`)."""
     return Path(os.environ.get("PICSTREAM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def require(module: str):
+    """Import an optional dependency; skip when it is missing, except in CI (`CI` set), where it must run."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed (see the extras in pyproject.toml)")
 
 
 def _extract(archive: Path, dest: Path) -> Path:

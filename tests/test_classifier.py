@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from picstream.classifier import build_classifier
 from picstream.lr_schedule import warmup_cosine_lr
-from picstream.rowstore import init_rows
+from picstream.rowstore import init_rows, window_cache_rows
 from picstream.scheduler import SlidingWindowScheduler
 
 N, K, D, B = 2048, 256, 16, 32
@@ -108,6 +108,35 @@ def test_recent_rows_match_dense_oracle(tmp_path, dtype, tol):
     assert clf.log.num_steps == STEPS and len(clf.rows) == K
 
 
+def test_compacted_log_matches_dense_oracle(tmp_path):
+    """Folding the log's old steps (here as often as possible) keeps the rows exact, and the log
+    keeps only the steps a stored row can still start from."""
+    (_, w_ref, u_ref), = oracle_run(torch.float64, (STEPS,))
+    clf = make(tmp_path, compact_min_steps=1)
+    train_steps(clf, range(STEPS))
+    w, u = clf.rows.peek(np.arange(N))
+    assert relative_error(w, w_ref) <= 1e-10 and relative_error(u, u_ref) <= 1e-10
+    oldest = min(s for s, c in clf.rows._stored_at.items() if c > 0)
+    assert 0 < clf.log.offset == oldest and clf.log.num_steps == STEPS
+    state = clf.log.state_dict()
+    assert len(state["lrs"]) == STEPS - oldest
+
+
+def test_host_cache_sized_in_chunks_loads_each_chunk_about_once_per_sweep(tmp_path):
+    """A chunk size that does not divide W + S: a cache of W + S rows reloads chunks in a loop."""
+    n, window, stride, chunk = 6000, 1024, 256, 300
+    sched = SlidingWindowScheduler(n, window, stride, seed=0)
+    loads = {}
+    for name, cache_rows in (("rows", window + stride), ("chunks", window_cache_rows(window, stride, chunk))):
+        clf = build_classifier(n, 8, capacity=512, store_url=str(tmp_path / name), chunk_rows=chunk,
+                               cache_rows=cache_rows, dtype=torch.float64)
+        for j in range(3 * n // 64):
+            clf.rows.admit(sched.ids_at(j * 64, (j + 1) * 64))
+            clf.rows.sgd_step(None, 0.1)
+        loads[name] = clf.store.chunk_loads / (3 * -(-n // chunk))  # per chunk per sweep
+    assert loads["chunks"] <= 1.0 < 2.0 < loads["rows"], loads
+
+
 def test_no_correction_differs_from_oracle(tmp_path):
     (_, w_ref, _), = oracle_run(torch.float64, (STEPS,))
     clf = make(tmp_path, correction="none")
@@ -165,7 +194,7 @@ COMMIT_AT, KILL_AFTER = 120, 170
 def worker(store_url: str, ckpt: str, ready: str) -> None:
     """Train, checkpoint at COMMIT_AT, keep writing to the store, announce, then wait to be killed."""
     torch.set_num_threads(1)
-    clf = make(Path(store_url).parent, name=Path(store_url).name)
+    clf = make(Path(store_url).parent, name=Path(store_url).name, compact_min_steps=1)
     train_steps(clf, range(COMMIT_AT))
     torch.save(clf.checkpoint_state(), ckpt)
     train_steps(clf, range(COMMIT_AT, KILL_AFTER))
@@ -189,17 +218,18 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
-    resumed = make(tmp_path, name="killed")
+    resumed = make(tmp_path, name="killed", compact_min_steps=1)
     resumed.load_checkpoint_state(torch.load(ckpt, weights_only=True))
     train_steps(resumed, range(COMMIT_AT, STEPS))
 
-    straight = make(tmp_path, name="straight")
+    straight = make(tmp_path, name="straight", compact_min_steps=1)
     train_steps(straight, range(COMMIT_AT))
     straight.checkpoint_state()
     train_steps(straight, range(COMMIT_AT, STEPS))
     for a, b in zip(resumed.rows.peek(np.arange(N)), straight.rows.peek(np.arange(N))):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(resumed.rows.slot_ids, straight.rows.slot_ids)
+    assert straight.log.offset > 0 and resumed.log.offset == straight.log.offset  # folded alike
 
 
 if __name__ == "__main__":

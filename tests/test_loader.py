@@ -1,13 +1,15 @@
 """WindowLoader / EvalLoader on real shards of real JPEGs: crops, determinism, split, resume, errors."""
 from __future__ import annotations
 
+import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
+from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from picstream.loader import EvalLoader, WindowLoader
@@ -43,8 +45,7 @@ def labelled(imagenet_sample_dir, tmp_path_factory) -> ShardSet:
 
 
 def decoded(ss: ShardSet, sample_id: int) -> torch.Tensor:
-    return decode_image(torch.frombuffer(bytearray(ss.read(sample_id)), dtype=torch.uint8),
-                        mode=ImageReadMode.RGB)
+    return decode_jpeg(ss.read(sample_id), mode="RGB")
 
 
 def reference_crop(ss: ShardSet, sample_id: int, position: int, seed: int, spec: CropSpec,
@@ -81,10 +82,11 @@ def test_crop_geometry_matches_torchvision_distribution():
     assert tiny[:4] == (0, (400 - round(10 * 4 / 3)) // 2, 10, round(10 * 4 / 3))
 
 
-def test_crops_match_independent_reference(photos):
+@pytest.mark.parametrize("decoder", ["simplejpeg", "torchcodec"])
+def test_crops_match_independent_reference(photos, decoder):
     sched = SlidingWindowScheduler(len(photos), 48, 16, seed=3)
     loader = WindowLoader(photos, sched, 8, image_size=96, workers=0, num_steps=2, seed=11,
-                          decoder="torchvision")
+                          decoder=decoder)
     spec = loader.specs[0]
     flips = 0
     for b in batches(loader):
@@ -125,7 +127,7 @@ def test_same_batches_for_any_worker_count(labelled):
 
 def test_labels_and_extra_crop_scales(labelled):
     sched = EpochScheduler(len(labelled), seed=0)
-    loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="torchvision",
+    loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="simplejpeg",
                           multi_crop=[(24, 1), (8, 2)])
     assert [s.scale for s in loader.specs] == [(0.2, 1.0), (0.2, 1.0), (0.05, 0.14), (0.05, 0.14)]
     for b in batches(loader):
@@ -155,23 +157,51 @@ def test_ranks_split_the_stream_exactly_once(labelled):
     np.testing.assert_array_equal(per_rank[2][4].ids.numpy(), sched.ids_at(4 * 15 + 10, 4 * 15 + 15))
 
 
-def test_undecodable_sample_is_skipped_and_counted(labelled, tmp_path):
+def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
+    """A damaged sample (fails its checksum) and an undecodable one (intact per its checksum): each
+    is skipped with its reason and its slot refilled by the next stream ID after the batch."""
     broken_dir = tmp_path / "broken"
     shutil.copytree(labelled.root, broken_dir)
+    damaged, undecodable = 13, 14
+    size = labelled.shard_size
+    for victim in (damaged, undecodable):
+        offset, nbytes, _ = labelled.index(victim // size)[victim % size]
+        with open(broken_dir / f"shard-{victim // size:06d}.tar", "r+b") as f:  # junk over the header
+            f.seek(int(offset))
+            f.write(b"\x00not an image" * 4)
+    junk = (broken_dir / "shard-000001.tar").read_bytes()
+    off, nbytes, _ = labelled.index(1)[undecodable % size]
+    reindex(broken_dir, 1, undecodable % size, junk[off:off + nbytes])
     broken = ShardSet.open(broken_dir)
-    victim = 13
-    k = victim // broken.shard_size
-    offset, size, _ = broken.index(k)[victim - k * broken.shard_size]
-    with open(broken.shard_url(k), "r+b") as f:     # overwrite the JPEG header with junk
-        f.seek(int(offset))
-        f.write(b"\x00not an image" * 4)
     sched = EpochScheduler(len(broken), seed=0)
     got = batches(WindowLoader(broken, sched, 25, image_size=16, workers=0, num_steps=4))
-    assert sum(b.skipped for b in got) == 1
+    bad = [b for b in got if b.skipped]
+    assert sum(b.skipped for b in got) == 2 and all(len(b) == 25 for b in got)
+    assert sum((Counter(b.skip_reasons) for b in bad), Counter()) == {"damaged": 1, "decode": 1}
     ids = torch.cat([b.ids for b in got]).tolist()
-    assert victim not in ids and len(ids) == 99
-    bad = next(b for b in got if b.skipped)
-    assert len(bad) == bad.images.shape[0] == len(bad.labels) == 24
+    assert damaged not in ids and undecodable not in ids
+    for b in bad:   # the refill: the slot's position, the first later stream ID not in the batch
+        stream = sched.ids_at(b.step * 25, b.step * 25 + 25).tolist()
+        spares = [i for i in sched.ids_at(b.step * 25 + 25, b.step * 25 + 50).tolist() if i not in stream]
+        slots = [stream.index(v) for v in (damaged, undecodable) if v in stream]
+        assert [b.ids[s].item() for s in slots] == spares[:len(slots)]
+        assert b.positions.tolist() == list(range(b.step * 25, b.step * 25 + 25))
+    resumed = batches(WindowLoader(broken, sched, 25, image_size=16, workers=2, num_steps=1,
+                                   start_step=bad[0].step))
+    assert torch.equal(resumed[0].images, bad[0].images) and torch.equal(resumed[0].ids, bad[0].ids)
+
+
+def reindex(root, k: int, row: int, data: bytes) -> None:
+    """Make row `row` of shard k's index (and the manifest's index sha256) accept `data`."""
+    from picstream.shards.format import sample_checksum, sha256_hex
+
+    idx_path = root / f"shard-{k:06d}.idx"
+    rows = np.fromfile(idx_path, dtype="<i8").reshape(-1, 4)
+    rows[row, 3] = sample_checksum(data)
+    idx_path.write_bytes(rows.tobytes())
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][k]["index_sha256"] = sha256_hex(rows.tobytes())
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_len_and_validation(labelled):

@@ -124,7 +124,7 @@ def test_reads_only_the_window_and_the_next_stride(shard_dir, server, tmp_path):
     assert set(srv.tar_requests()) == wanted == cache_tars(cache)
 
 
-def test_transient_errors_are_retried(shard_dir, server, tmp_path):
+def test_transient_errors_are_retried_and_counted(shard_dir, server, tmp_path):
     srv = server(fail_first=1)
     remote = ShardSet.open(srv.url + "/manifest.json")
     sched = SlidingWindowScheduler(len(remote), 16, 8, seed=0)
@@ -133,9 +133,11 @@ def test_transient_errors_are_retried(shard_dir, server, tmp_path):
     assert sum(b.skipped for b in got) == 0 and sum(len(b) for b in got) == 24
     requests = srv.tar_requests()
     assert set(requests) and all(requests.count(n) == 2 for n in set(requests))
+    counted = sum(b.retries.get("shard", 0) for b in got) + remote.retry_stats.drain().get("shard", 0)
+    assert counted == len(set(requests))              # one retry per 503, all counted
 
 
-def test_missing_shard_is_skipped_and_counted(shard_dir, server, tmp_path):
+def test_missing_shard_is_skipped_once_and_refilled(shard_dir, server, tmp_path):
     local = ShardSet.open(shard_dir)
     gone = local.shard_url(1).rsplit("/", 1)[-1]
     srv = server(missing=[gone])
@@ -143,8 +145,11 @@ def test_missing_shard_is_skipped_and_counted(shard_dir, server, tmp_path):
     sched = SlidingWindowScheduler(len(remote), 32, 8, seed=0)   # window 0 = shards 0..3
     got = run(WindowLoader(remote, sched, 8, image_size=8, workers=0, num_steps=4,
                            cache_dir=str(tmp_path / "c")))
-    assert sum(b.skipped for b in got) == 8
+    assert all(len(b) == 8 for b in got)                      # every slot refilled
+    assert {r for b in got for r in b.skip_reasons} == {"missing"}
+    assert sum(b.skipped for b in got) >= 8
     assert not any(8 <= i < 16 for b in got for i in b.ids.tolist())
+    assert srv.tar_requests().count(gone) == 1                # one 404, remembered for the run
 
 
 def test_cache_is_bounded_to_the_protected_shards(shard_dir, server, tmp_path):

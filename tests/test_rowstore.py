@@ -84,6 +84,25 @@ def test_transition_log_advance_modes_and_state_dict():
         sched.advance(w, u, last, "bogus")
 
 
+def test_compacted_log_answers_like_the_full_log_and_refuses_folded_starts():
+    rng = np.random.default_rng(5)
+    full, compact = TransitionLog(0.9, 1e-3), TransitionLog(0.9, 1e-3)
+    for t, lr in enumerate(rng.uniform(0.01, 0.5, 200), 1):
+        full.append(lr)
+        compact.append(lr)
+        if t in (50, 120, 121):
+            compact.compact(t - 7)
+    assert compact.offset == 114 and compact.num_steps == 200
+    starts = np.array([0, 114, 150, 199, 200])
+    np.testing.assert_allclose(compact.products(starts), full.products(starts), rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError):
+        compact.products(np.array([113]))
+    clone = TransitionLog(0.0, 0.0)
+    clone.load_state_dict(compact.state_dict())
+    np.testing.assert_array_equal(clone.products(starts), compact.products(starts))  # resume: bit for bit
+    assert len(compact.state_dict()["lrs"]) == 86
+
+
 # ---------------------------------------------------------------- store
 def test_store_untouched_rows_read_as_init(tmp_path):
     store = RowStore.create(str(tmp_path / "s"), 1000, 8, seed=5, chunk_rows=64)

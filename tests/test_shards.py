@@ -197,7 +197,7 @@ def test_resume_after_sigkill(imagenet_sample_dir, tmp_path):
 
 def test_cli_fatal_conditions(corpus, tmp_path):
     def one_line_error(result, needle):
-        assert result.returncode != 0
+        assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("make_shards: error:") and needle in lines[0], lines
 

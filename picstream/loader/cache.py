@@ -3,50 +3,76 @@
 Local shards (plain paths, ``file://``) are read with ``os.pread`` on cached file descriptors; the
 next stride's shards are announced to the kernel (``posix_fadvise(WILLNEED)``) so it reads them
 ahead. Remote shards (any other fsspec URL) are fetched whole, concurrently, into ``cache_dir``:
-a download goes to a temporary name and is renamed into place under an exclusive ``flock`` on a
-per-shard lock file, so processes sharing the folder never download a shard twice at once. When
-the folder holds more than ``cache_bytes``, the oldest shards outside the current window and the
-next stride are deleted. There are no per-sample remote requests.
+a download goes to a temporary name, is checked against the manifest's size and sha256 and only
+then renamed into place, under an exclusive ``flock`` on a per-shard lock file, so processes
+sharing the folder never download a shard twice at once. Cache entries are named by the shard's
+sha256, so an entry is always a verified copy of the shard the manifest lists; one of the wrong
+size is deleted when opened, one whose sample fails its checksum is re-hashed and, unless it still
+matches the manifest, deleted and fetched again. When the folder holds more than ``cache_bytes``,
+the oldest shards outside the current window and the next stride are deleted. There are no
+per-sample remote requests. Downloads follow the shard set's retry policy; a shard that is
+missing (404) or still fails after the retries is remembered for the rest of the run (in this
+process), so its samples fail at once.
 
 Nothing here starts a thread or a filesystem before it is first needed, so an instance can be
 created in a parent process and used in forked DataLoader workers (each builds its own).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import logging
 import os
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.utils import get_protocol
 
-__all__ = ["ShardReader", "is_local"]
+from ..shards.format import DamagedData, MissingShard, is_local
+
+__all__ = ["ShardReader", "cache_name", "is_local", "matches_record"]
 
 log = logging.getLogger(__name__)
+HASH_CHUNK = 1 << 20
 
 
-def is_local(url: str) -> bool:
-    """True for plain paths and ``file://`` URLs (a pure string test: creates no filesystem)."""
-    return get_protocol(str(url)) in ("file", "local")
+def cache_name(record: dict) -> str:
+    """The cache file of a shard listed as `record` in a manifest: named by its sha256."""
+    return f"{record['sha256'][:16]}-{record['name']}"
+
+
+def matches_record(path: str, record: dict) -> bool:
+    """True when the file at `path` has the size and sha256 the manifest lists for the shard."""
+    if os.path.getsize(path) != record["bytes"]:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest() == record["sha256"]
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 class ShardReader:
-    """``read(k, offset, size)`` → bytes of shard ``k``; ``plan(current, upcoming)`` drives prefetch.
+    """``read_sample(id)`` → checked image bytes and label; ``plan(current, upcoming)`` drives
+    prefetch.
 
     ``worker`` / ``num_workers`` split the prefetching of remote shards among processes sharing one
     cache folder (worker ``p`` prefetches the shards ``k ≡ p (mod P)``; demand reads fetch any).
     """
 
     def __init__(self, shardset, cache_dir: str | None = None, cache_bytes: int = 32 << 30,
-                 prefetch: bool = True, fetch_threads: int = 4, retries: int = 5,
-                 backoff: float = 0.2, max_open_files: int = 256):
+                 prefetch: bool = True, fetch_threads: int = 4, max_open_files: int = 256):
         self.shardset = shardset
         self.local = is_local(shardset.shard_url(0))
         if not self.local and cache_dir is None:
@@ -55,20 +81,21 @@ class ShardReader:
         self.cache_bytes = int(cache_bytes)
         self.prefetch = prefetch
         self.fetch_threads = fetch_threads
-        self.retries, self.backoff = retries, backoff
         self.max_open_files = max_open_files
         self.worker, self.num_workers = 0, 1
         self._protected: set[int] = set()
         self._reset()
 
     def _reset(self) -> None:
-        """Per-process state (file descriptors, thread pool, filesystem), rebuilt after a fork."""
+        """Per-process state (file descriptors, thread pool, filesystem, failures), rebuilt after a fork."""
         self._pid = os.getpid()
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
         self._fs = None
         self._warned_full = False
+        self._failed: dict[int, OSError] = {}   # shards missing or unavailable for this run
+        self._verified: dict[int, int] = {}     # shard -> inode of the cache entry hashed here
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
@@ -76,28 +103,74 @@ class ShardReader:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_fds=OrderedDict(), _pool=None, _futures={}, _fs=None, _pid=None)
+        state.update(_fds=OrderedDict(), _pool=None, _futures={}, _fs=None, _pid=None, _failed={},
+                     _verified={})
         return state
 
     # -- reading -------------------------------------------------------------------------------
+    def read_sample(self, sample_id: int) -> tuple[bytes, int]:
+        """The image bytes of sample ``sample_id``, checked against its checksum, and its label.
+
+        Raises a :class:`~picstream.shards.format.SampleError` (its ``reason`` says why) or another
+        ``OSError`` when the sample cannot be read intact.
+        """
+        self._check_pid()
+        ss = self.shardset
+        k, i = divmod(int(sample_id), ss.shard_size)
+        offset, size, label = (int(v) for v in ss.index(k)[i])
+        data = self.read(k, offset, size)
+        try:
+            return ss.check_sample(sample_id, data), label
+        except DamagedData:
+            if self.local or not self._recheck(k):
+                raise
+        return ss.check_sample(sample_id, self.read(k, offset, size)), label
+
     def read(self, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard ``k`` (fetching the shard first when remote)."""
         self._check_pid()
-        if self.local:
-            fd = self._fd(self._local_path(k))
-        else:
-            try:
-                fd = self._fd(self._ensure(k))
-            except FileNotFoundError:   # evicted by another process in between: fetch again
-                self._fetch(k)
-                fd = self._fd(self.cache_path(k))
+        fd = self._local_fd(k) if self.local else self._remote_fd(k)
         data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise OSError(errno.EIO, f"short read of shard {k}: {len(data)} of {size} bytes")
+            raise DamagedData(errno.EIO, f"short read of shard {k}: {len(data)} of {size} bytes")
         return data
 
     def _local_path(self, k: int) -> str:
         return LocalFileSystem._strip_protocol(self.shardset.shard_url(k))
+
+    def _local_fd(self, k: int) -> int:
+        if k in self._failed:
+            raise self._failed[k]
+        path = self._local_path(k)
+        try:
+            return self._fd(path)
+        except FileNotFoundError:
+            self._failed[k] = MissingShard(f"shard {k} is missing: {path}")
+            raise self._failed[k] from None
+
+    def _remote_fd(self, k: int) -> int:
+        self._ensure(k)
+        try:
+            return self._cached_fd(k)
+        except FileNotFoundError:   # evicted or found damaged by another process in between
+            self._fetch(k)
+            return self._cached_fd(k)
+
+    def _cached_fd(self, k: int) -> int:
+        """The open cache entry of shard ``k``; one of the wrong size is deleted (FileNotFoundError)."""
+        path = self.cache_path(k)
+        if path in self._fds:
+            return self._fd(path)
+        fd = self._fd(path)
+        st = os.fstat(fd)
+        if st.st_size != self.shardset.shard_record(k)["bytes"]:
+            log.warning("cached shard %d has the wrong size; fetching it again", k)
+            self._close_fd(path)
+            with self._locked(k):
+                if _inode(path) == st.st_ino:   # not replaced by another process meanwhile
+                    os.unlink(path)
+            raise FileNotFoundError(path)
+        return fd
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
@@ -109,6 +182,11 @@ class ShardReader:
         else:
             self._fds.move_to_end(path)
         return fd
+
+    def _close_fd(self, path: str) -> None:
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self, current: Iterable[int], upcoming: Iterable[int]) -> None:
@@ -127,14 +205,13 @@ class ShardReader:
             return
         self._futures = {k: f for k, f in self._futures.items() if not f.done()}
         for k in current + upcoming:
-            if k % self.num_workers == self.worker and not os.path.exists(self.cache_path(k)):
+            if (k % self.num_workers == self.worker and k not in self._failed
+                    and not os.path.exists(self.cache_path(k))):
                 self._submit(k)
 
     # -- remote cache --------------------------------------------------------------------------
     def cache_path(self, k: int) -> str:
-        url = self.shardset.shard_url(k)
-        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
-        return os.path.join(self.cache_dir, f"{digest}-{url.rsplit('/', 1)[-1]}")
+        return os.path.join(self.cache_dir, cache_name(self.shardset.shard_record(k)))
 
     def _submit(self, k: int) -> Future:
         fut = self._futures.get(k)
@@ -144,15 +221,13 @@ class ShardReader:
             fut = self._futures[k] = self._pool.submit(self._fetch, k)
         return fut
 
-    def _ensure(self, k: int) -> str:
-        """The cached file of shard ``k``, fetched now (or awaited) when missing."""
-        path = self.cache_path(k)
+    def _ensure(self, k: int) -> None:
+        """Make sure shard ``k`` is cached: fetch it now (or await its prefetch) when missing."""
         fut = self._futures.pop(k, None)
         if fut is not None:
             fut.result()
-        elif not os.path.exists(path):
+        elif not os.path.exists(self.cache_path(k)):
             self._fetch(k)
-        return path
 
     def _filesystem(self):
         if self._fs is None:
@@ -160,33 +235,69 @@ class ShardReader:
             self._fs = fsspec.core.url_to_fs(url, **getattr(self.shardset, "storage_options", {}))[0]
         return self._fs
 
-    def _fetch(self, k: int) -> None:
-        """Download shard ``k`` into the cache (once across processes), retrying with backoff."""
+    @contextlib.contextmanager
+    def _locked(self, k: int):
+        """An exclusive lock on shard ``k``'s cache entry, across processes."""
         os.makedirs(self.cache_dir, exist_ok=True)
-        path = self.cache_path(k)
-        tmp = f"{path}.{os.getpid()}.part"
-        with open(path + ".lock", "a") as lock:
+        with open(self.cache_path(k) + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if os.path.exists(path):
-                    return
-                for attempt in range(self.retries + 1):
-                    try:
-                        self._filesystem().get_file(self.shardset.shard_url(k), tmp)
-                        os.replace(tmp, path)
-                        break
-                    except FileNotFoundError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - any transport error is retried
-                        if attempt == self.retries:
-                            raise OSError(f"cannot fetch shard {k}: {exc}") from exc
-                        log.warning("fetching shard %d failed (%s); retrying", k, exc)
-                        time.sleep(self.backoff * 2 ** attempt)
+                yield
             finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _fetch(self, k: int) -> None:
+        """Download shard ``k`` into the cache (once across processes) under the retry policy; a
+        missing or unavailable shard is remembered for the run."""
+        if k in self._failed:
+            raise self._failed[k]
+        path = self.cache_path(k)
+        tmp = f"{path}.{os.getpid()}.part"
+        try:
+            with self._locked(k):
+                try:
+                    if not os.path.exists(path):
+                        self.shardset.remote_call(lambda: self._download(k, tmp, path),
+                                                  what=f"fetching shard {k}", kind="shard")
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+        except FileNotFoundError:
+            self._failed[k] = MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)}")
+            raise self._failed[k] from None
+        except OSError as err:
+            self._failed[k] = err
+            raise
         self._evict()
+
+    def _download(self, k: int, tmp: str, path: str) -> None:
+        """One try: fetch to ``tmp``, check size and sha256, flush, rename to ``path``."""
+        self._filesystem().get_file(self.shardset.shard_url(k), tmp)
+        record = self.shardset.shard_record(k)
+        if not matches_record(tmp, record):
+            raise DamagedData(f"fetched shard {k} ({os.path.getsize(tmp)} bytes) does not match the "
+                              f"manifest's size {record['bytes']} and sha256")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._verified[k] = _inode(path)
+
+    def _recheck(self, k: int) -> bool:
+        """A sample of cached shard ``k`` failed its checksum. Unless this process already hashed the
+        very same entry, hash it: delete it when it does not match the manifest. True when the
+        sample is worth reading again (a fresh entry), False when the shard itself is damaged."""
+        path = self.cache_path(k)
+        fd = self._fds.get(path)
+        if fd is not None and self._verified.get(k) == os.fstat(fd).st_ino:
+            return False
+        self._close_fd(path)
+        with self._locked(k), contextlib.suppress(FileNotFoundError):
+            if matches_record(path, self.shardset.shard_record(k)):
+                self._verified[k] = _inode(path)
+            else:
+                log.warning("cached shard %d does not match the manifest; fetching it again", k)
+                os.unlink(path)
+        return True
 
     def _evict(self) -> None:
         """Delete the oldest cached shards outside the protected set while over ``cache_bytes``."""

@@ -1,11 +1,14 @@
 """Decoding sample bytes and cutting crops out of them.
 
 Images are handled as uint8 ``(H, W, 3)`` (what libjpeg-turbo produces; batches are channels-last).
-Decoders: ``"torchvision"`` (``torchvision.io.decode_image``, libjpeg-turbo, the fastest full
-decode), ``"pil"`` (Pillow; pillow-simd when installed, it is a drop-in PIL) and ``"auto"``: Pillow
-with ``draft`` (JPEG DCT-domain downscaling) when every crop of the sample is at least twice its
-output size, torchvision otherwise. Crops are resized with torch's antialiased bilinear kernel on
-uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
+Full decoders (all libjpeg-turbo, compared on the same JPEGs in benchmarks/loader.py):
+``"simplejpeg"`` (the fastest, HWC numpy out), ``"torchcodec"`` (PyTorch's successor to torchvision's
+deprecated image decoding, bit-identical to it) and ``"pil"`` (Pillow; pillow-simd when installed, it
+is a drop-in PIL). ``"auto"``: Pillow with ``draft`` (JPEG DCT-domain downscaling) when every crop of
+the sample is at least twice its output size, otherwise the fastest installed full decoder
+(``DEFAULT_FULL``), falling back to Pillow for anything it cannot read. Crops are resized with torch's
+antialiased bilinear kernel on uint8, which is several times faster than ``PIL.Image.resize`` on CPU
+(see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ from PIL import Image
 from .geometry import CropSpec, center_crop_box, random_resized_crop, resize_short_size
 
 try:
-    from torchvision.io import ImageReadMode, decode_image
-except ImportError:  # torchvision is optional here: Pillow does everything
-    decode_image = None
+    import simplejpeg
+except ImportError:  # optional: Pillow does everything
+    simplejpeg = None
+try:
+    from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+except (ImportError, OSError, RuntimeError):  # optional; its native library must match torch
+    torchcodec_decode_jpeg = None
 
-__all__ = ["DECODERS", "decode", "decode_crops", "decode_center"]
-
-DECODERS = ("auto", "pil", "torchvision")
+__all__ = ["DECODERS", "DEFAULT_FULL", "decode", "decode_crops", "decode_center"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -59,18 +64,39 @@ def _pil_to_hwc(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im))
 
 
+def _pil(data: bytes) -> torch.Tensor:
+    return _pil_to_hwc(Image.open(io.BytesIO(data)))
+
+
+def _simplejpeg(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+
+
+def _torchcodec(data: bytes) -> torch.Tensor:
+    return torchcodec_decode_jpeg(data, mode="RGB").permute(1, 2, 0)   # a HWC view of libjpeg's output
+
+
+# Full decoders, the fastest first (benchmarks/loader.py); `auto` uses the first one installed.
+_FULL = {"simplejpeg": _simplejpeg if simplejpeg is not None else None,
+         "torchcodec": _torchcodec if torchcodec_decode_jpeg is not None else None}
+DEFAULT_FULL = next((name for name, fn in _FULL.items() if fn is not None), "pil")
+DECODERS = ("auto", "pil", *_FULL)
+
+
 def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
-    """Decode to uint8 ``(H, W, 3)`` (Pillow for ``"pil"`` or when torchvision cannot)."""
+    """Decode to uint8 ``(H, W, 3)``; ``"auto"`` uses ``DEFAULT_FULL`` and Pillow when it fails."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
-    if decoder != "pil" and decode_image is not None:
-        try:   # libjpeg-turbo writes HWC; torchvision returns a CHW view of it
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                mode=ImageReadMode.RGB).permute(1, 2, 0)
-        except RuntimeError:
-            if decoder == "torchvision":
+    name = DEFAULT_FULL if decoder == "auto" else decoder
+    if name != "pil":
+        if _FULL[name] is None:
+            raise ValueError(f"decoder {name!r} is not installed")
+        try:
+            return _FULL[name](data)
+        except (ValueError, RuntimeError):   # not a JPEG libjpeg-turbo reads (never stored by make_shards)
+            if decoder != "auto":
                 raise
-    return _pil_to_hwc(Image.open(io.BytesIO(data)))
+    return _pil(data)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -96,7 +122,7 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
     width, height = size if size is not None else Image.open(io.BytesIO(data)).size
     boxes = [random_resized_crop(height, width, u, s) for u, s in zip(uniforms, specs)]
     reduce = min(min(h, w) / s.size for (_, _, h, w, _), s in zip(boxes, specs))
-    if decoder != "torchvision" and reduce >= 2 and size is not None:
+    if decoder in ("auto", "pil") and reduce >= 2 and size is not None:
         header = Image.open(io.BytesIO(data))
         # DCT-domain downscaling; the crop boxes are then cut with sub-pixel accuracy by Pillow
         header.draft("RGB", (-(-width // int(reduce)), -(-height // int(reduce))))

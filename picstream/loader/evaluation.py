@@ -39,7 +39,7 @@ class _EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        ss, n, size = self.shardset, len(self.shardset), self.shardset.shard_size
+        n, size = len(self.shardset), self.shardset.shard_size
         for step in range(worker, len(self), workers):
             ids = np.arange(step * self.batch_size, min(n, (step + 1) * self.batch_size))
             nxt = min(n, (step + workers + 1) * self.batch_size)
@@ -49,10 +49,8 @@ class _EvalStream(IterableDataset):
             labels = np.full(len(ids), -1, dtype=np.int64)
             ok = np.zeros(len(ids), dtype=bool)
             for i, sample_id in enumerate(ids.tolist()):
-                k = sample_id // size
                 try:
-                    offset, nbytes, labels[i] = ss.index(k)[sample_id - k * size]
-                    data = self.reader.read(k, int(offset), int(nbytes))
+                    data, labels[i] = self.reader.read_sample(sample_id)
                     decode_center(data, self.image_size, self.resize, images[i], self.decoder)
                     ok[i] = True
                 except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal

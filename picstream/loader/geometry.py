@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["sample_uniforms", "CropSpec", "random_resized_crop", "center_crop_box",
-           "resize_short_size", "DRAWS_PER_CROP"]
+__all__ = ["sample_uniforms", "CropSpec", "random_resized_crop", "crop_box",
+           "center_crop_box", "resize_short_size", "DRAWS_PER_CROP"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _ATTEMPTS = 10
@@ -52,26 +52,31 @@ def random_resized_crop(height: int, width: int, u: np.ndarray, spec: CropSpec
     Returns ``(top, left, h, w, flip)``: up to 10 tries at a random area and log-uniform aspect
     ratio, falling back to a centre crop clamped to the ratio range.
     """
+    top, left, h, w = crop_box(height, width, u, spec.scale[0], spec.scale[1], spec.ratio[0], spec.ratio[1])
+    return top, left, h, w, bool(spec.flip and u[-1] < 0.5)
+
+
+def crop_box(height: int, width: int, u: np.ndarray, scale_lo: float, scale_hi: float,
+             ratio_lo: float, ratio_hi: float) -> tuple[int, int, int, int]:
+    """The box of :func:`random_resized_crop`, from plain numbers only (numba compiles it as it is
+    for the FFCV loader's decoder)."""
     area = height * width
-    lo, hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
-    flip = spec.flip and u[-1] < 0.5
+    lo, hi = math.log(ratio_lo), math.log(ratio_hi)
     for a in range(_ATTEMPTS):
-        target = area * (spec.scale[0] + (spec.scale[1] - spec.scale[0]) * u[2 * a])
+        target = area * (scale_lo + (scale_hi - scale_lo) * u[2 * a])
         aspect = math.exp(lo + (hi - lo) * u[2 * a + 1])
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(u[-3] * (height - h + 1))
-            left = int(u[-2] * (width - w + 1))
-            return top, left, h, w, flip
+            return int(u[-3] * (height - h + 1)), int(u[-2] * (width - w + 1)), h, w
     in_ratio = width / height
-    if in_ratio < spec.ratio[0]:
-        w, h = width, int(round(width / spec.ratio[0]))
-    elif in_ratio > spec.ratio[1]:
-        h, w = height, int(round(height * spec.ratio[1]))
+    if in_ratio < ratio_lo:
+        w, h = width, int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        h, w = height, int(round(height * ratio_hi))
     else:
         w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w, flip
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def resize_short_size(height: int, width: int, short: int) -> tuple[int, int]:

@@ -5,6 +5,12 @@ DataLoader worker ``p`` produces the batches ``(j − start_step) ≡ p (mod P)`
 (``batch_size=None``), and the DataLoader's in-order round robin restores the order. Each sample's
 crop and flip are drawn from ``(seed, stream position)``, so batches do not depend on the worker
 count and a loader built with ``start_step=j`` reproduces batch ``j`` onwards exactly.
+
+A sample that cannot be read intact or decoded is skipped (counted by reason) and its slot refilled
+with the next readable sample of the stream after the rank's block (at most one window ahead),
+drawn with the slot's randomness, so refills depend only on which samples are readable, never on
+the worker count or the resume step. A batch with no readable sample at all ends the iteration
+with :class:`UnreadableStream`.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -22,25 +29,33 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
+from ..shards.format import ShardsError
 from .cache import ShardReader, is_local
 from .decode import DECODERS, decode_crops
 from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
 
-__all__ = ["Batch", "WindowLoader", "SMALL_CROP_SCALE", "crop_specs"]
+__all__ = ["Batch", "WindowLoader", "SMALL_CROP_SCALE", "UnreadableStream", "crop_specs"]
 
 log = logging.getLogger(__name__)
 
 SMALL_CROP_SCALE = (0.05, 0.14)   # multi-crop's small views (official PIC code)
 
 
+class UnreadableStream(ShardsError):
+    """No sample of a batch, nor of the stream positions after it (one window), could be read."""
+
+
 @dataclass
 class Batch:
     """A batch of uint8 images with their instance IDs.
 
-    ``images`` (b,3,H,W) uint8 in channels-last memory format; ``ids``, ``labels`` (−1 when unlabelled) and ``positions`` (stream
-    positions) int64 (b,); ``step`` is the global batch index ``j``; ``skipped`` counts samples that
-    could not be read or decoded and were dropped (``b = B − skipped``); ``extra_crops`` holds one
-    uint8 tensor per multi-crop view, aligned with ``images``.
+    ``images`` (b,3,H,W) uint8 in channels-last memory format; ``ids``, ``labels`` (−1 when
+    unlabelled) and ``positions`` (the stream positions of the slots, whose randomness the crops
+    use) int64 (b,); ``step`` is the global batch index ``j``; ``skipped`` counts samples that could
+    not be read intact or decoded (``skip_reasons``: count per reason), each replaced by a refill
+    when one was readable; ``retries`` counts remote read retries per kind of read in the process
+    that made the batch, since its previous batch; ``extra_crops`` holds one uint8 tensor per
+    multi-crop view, aligned with ``images``.
     """
 
     images: torch.Tensor
@@ -50,6 +65,8 @@ class Batch:
     positions: torch.Tensor
     skipped: int = 0
     extra_crops: list[torch.Tensor] = field(default_factory=list)
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,34 +106,61 @@ class _BatchMaker:
                  augment=None):
         self.shardset, self.reader, self.specs = shardset, reader, specs
         self.seed, self.decoder, self.augment = seed, decoder, augment
+        self._warned: set[tuple[int, str]] = set()
 
-    def make(self, step: int, positions: np.ndarray, ids: np.ndarray) -> Batch:
-        n, size = len(ids), self.shardset.shard_size
+    def make(self, step: int, positions: np.ndarray, ids: np.ndarray, spares=()) -> Batch:
+        """The batch of ``ids`` at stream ``positions``; a slot whose sample fails takes the next
+        readable ID of ``spares`` not yet in the batch (decoded with the slot's randomness)."""
+        n = len(ids)
         u = sample_uniforms(self.seed, positions, DRAWS_PER_CROP * len(self.specs))
         u = u.reshape(n, len(self.specs), DRAWS_PER_CROP)
         views = [torch.empty((n, s.size, s.size, 3), dtype=torch.uint8) for s in self.specs]
         labels = np.full(n, -1, dtype=np.int64)
+        got = ids.copy()
         ok = np.zeros(n, dtype=bool)
+        reasons: Counter[str] = Counter()
+        tried = set(ids.tolist())
+        spares = (c for c in spares if c not in tried)
         for i, sample_id in enumerate(ids.tolist()):
-            k = sample_id // size
-            try:
-                offset, nbytes, labels[i] = self.shardset.index(k)[sample_id - k * size]
-                data = self.reader.read(k, int(offset), int(nbytes))
-                decode_crops(data, u[i], self.specs, [v[i] for v in views], self.decoder)
-                ok[i] = True
-            except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
-                log.warning("skipping sample %d (stream position %d): %s", sample_id,
-                            positions[i], exc)
+            while sample_id is not None:
+                reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels)
+                if reason is None:
+                    got[i], ok[i] = sample_id, True
+                    break
+                reasons[reason] += 1
+                sample_id = next(spares, None)
+                tried.add(sample_id)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
         pick = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
         images = [pick(v).permute(0, 3, 1, 2) for v in views]      # (b,3,H,W), channels-last
         if self.augment is not None:
             images = [self.augment(im, _generator(self.seed, step, view))
                       for view, im in enumerate(images)]
-        return Batch(images=images[0], ids=pick(torch.from_numpy(ids)),
+        return Batch(images=images[0], ids=pick(torch.from_numpy(got)),
                      labels=pick(torch.from_numpy(labels)), step=step,
-                     positions=pick(torch.from_numpy(positions)), skipped=int(n - ok.sum()),
-                     extra_crops=images[1:])
+                     positions=pick(torch.from_numpy(positions)), skipped=sum(reasons.values()),
+                     extra_crops=images[1:], skip_reasons=dict(reasons),
+                     retries=self.shardset.retry_stats.drain())
+
+    def _fill(self, i: int, sample_id: int, position: int, u: np.ndarray, views, labels) -> str | None:
+        """Read and crop sample ``sample_id`` into slot ``i``: None, or why it failed."""
+        try:
+            data, labels[i] = self.reader.read_sample(sample_id)
+        except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
+            return self._skip(sample_id, position, getattr(exc, "reason", "unreadable"), exc)
+        try:
+            decode_crops(data, u, self.specs, [v[i] for v in views], self.decoder)
+        except Exception as exc:  # noqa: BLE001 - a decoder error on damaged data is counted too
+            return self._skip(sample_id, position, "decode", exc)
+        return None
+
+    def _skip(self, sample_id: int, position: int, reason: str, exc: Exception) -> str:
+        """Log a skipped sample: a warning for the first one of each (shard, reason), then debug."""
+        key = (sample_id // self.shardset.shard_size, reason)
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        log.log(level, "skipping sample %d (stream position %d, %s): %s", sample_id, position, reason, exc)
+        return reason
 
 
 def _generator(seed: int, step: int, view: int) -> torch.Generator:
@@ -150,7 +194,14 @@ class _WindowStream(IterableDataset):
                 reader.plan(current, sched.shards_of_next_stride(last, size))
                 planned = (first, last)
             ids = sched.ids_at(int(pos[0]), int(pos[-1]) + 1)
-            yield self.maker.make(step, pos, ids)
+            yield self.maker.make(step, pos, ids, _spares(sched, int(pos[-1]) + 1, self.batch_size))
+
+
+def _spares(sched, start: int, chunk: int):
+    """The stream's IDs at positions ``start, start + 1, ...`` for one window, read lazily."""
+    stop = start + sched.window
+    for lo in range(start, stop, chunk):
+        yield from sched.ids_at(lo, min(lo + chunk, stop)).tolist()
 
 
 class WindowLoader:
@@ -201,12 +252,21 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.workers == 0:
-            return iter(self.dataset)
-        if self._loader is None:
-            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                                      persistent_workers=True, multiprocessing_context="fork",
-                                      prefetch_factor=self._prefetch_factor, pin_memory=self._pin)
-        return iter(self._loader)
+            batches = iter(self.dataset)
+        else:
+            if self._loader is None:
+                self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                          persistent_workers=True, multiprocessing_context="fork",
+                                          prefetch_factor=self._prefetch_factor, pin_memory=self._pin)
+            batches = iter(self._loader)
+        for batch in batches:
+            if len(batch) == 0:
+                reasons = ", ".join(f"{n} {r}" for r, n in sorted(batch.skip_reasons.items()))
+                raise UnreadableStream(
+                    f"no readable sample for step {batch.step}: its samples and the next "
+                    f"{self.dataset.scheduler.window} stream positions all failed ({reasons}); "
+                    f"check that the shards under {self.reader.shardset.root} are present and intact")
+            yield batch
 
     def close(self) -> None:
         """Stop the worker processes and remove a temporary shard cache."""

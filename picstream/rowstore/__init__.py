@@ -1,7 +1,8 @@
 """Classifier rows out of device memory: zarr row store, exact lazy correction, recent-K device table."""
 from .init import init_rows
 from .recent import RecentRows
-from .store import RowStore, StoreError, StoreNotFound
+from .store import RowStore, StoreError, StoreNotFound, window_cache_rows
 from .transitions import TransitionLog
 
-__all__ = ["RecentRows", "RowStore", "StoreError", "StoreNotFound", "TransitionLog", "init_rows"]
+__all__ = ["RecentRows", "RowStore", "StoreError", "StoreNotFound", "TransitionLog", "init_rows",
+           "window_cache_rows"]

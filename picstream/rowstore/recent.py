@@ -1,6 +1,8 @@
 """The K most recently visited classifier rows, resident on the device and updated by SGD every step."""
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -18,7 +20,8 @@ class RecentRows:
     """
 
     def __init__(self, store: RowStore, log: TransitionLog, capacity: int, device="cpu",
-                 dtype: torch.dtype = torch.float32, correction: str = "exact"):
+                 dtype: torch.dtype = torch.float32, correction: str = "exact",
+                 compact_min_steps: int = 1024):
         self.store, self.log, self.capacity = store, log, int(capacity)
         self.device, self.dtype, self.correction = torch.device(device), dtype, correction
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
@@ -32,6 +35,9 @@ class RecentRows:
         self.last_visit = np.full(k, -1, dtype=np.int64)
         self._slot_of: dict[int, int] = {}
         self._clock = 0
+        # how many rows the store holds with each last_step > 0: the oldest one bounds the log
+        self._stored_at: Counter[int] = Counter()
+        self.compact_min_steps = int(compact_min_steps)
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -69,10 +75,12 @@ class RecentRows:
             idx = torch.from_numpy(free[evict]).to(self.device)
             w = self.weight.index_select(0, idx).cpu().numpy()
             u = self.momentum.index_select(0, idx).cpu().numpy()
-            self.store.write(old[evict], w, u, self.log.num_steps)
+            self._stored(old[evict], w, u)
             for i in old[evict].tolist():
                 del self._slot_of[i]
         w, u, last = self.store.read(new_ids)
+        steps, counts = np.unique(last[last > 0], return_counts=True)
+        self._stored_at.subtract(dict(zip(steps.tolist(), counts.tolist())))
         w, u = self.log.advance(w, u, last, self.correction)
         idx = torch.from_numpy(free).to(self.device)
         self.weight.index_copy_(0, idx, torch.from_numpy(w).to(self.device, non_blocking=True))
@@ -90,14 +98,31 @@ class RecentRows:
         self.momentum.mul_(m).add_(d)
         self.weight.add_(self.momentum, alpha=-lr)
         self.log.append(lr)
+        self._compact_log()
+
+    def _stored(self, ids: np.ndarray, w: np.ndarray, u: np.ndarray) -> None:
+        """Write rows back to the store, valid at the current step."""
+        self.store.write(ids, w, u, self.log.num_steps)
+        if self.log.num_steps > 0:
+            self._stored_at[self.log.num_steps] += int(ids.size)
+
+    def _compact_log(self) -> None:
+        """Fold the log's steps before the oldest stored row's last step once there are at least
+        ``compact_min_steps`` of them (a deterministic function of the stream, so a resumed run
+        folds at the same steps)."""
+        live = [step for step, count in self._stored_at.items() if count > 0]
+        self._stored_at = Counter({step: self._stored_at[step] for step in live})
+        oldest = min(live, default=self.log.num_steps)
+        if oldest - self.log.offset >= self.compact_min_steps:
+            self.log.compact(oldest)
 
     def peek(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Current ``(w, u)`` of any rows, without changing residency or the store."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        w, u, last = self.store.read(ids)
-        w, u = self.log.advance(w, u, last, self.correction)
         slots = np.fromiter((self._slot_of.get(i, -1) for i in ids.tolist()), np.int64, ids.size)
         res = slots >= 0
+        w, u, last = self.store.read(ids)
+        w[~res], u[~res] = self.log.advance(w[~res], u[~res], last[~res], self.correction)
         idx = torch.from_numpy(slots[res]).to(self.device)
         w[res] = self.weight.index_select(0, idx).cpu().numpy()
         u[res] = self.momentum.index_select(0, idx).cpu().numpy()
@@ -108,8 +133,8 @@ class RecentRows:
         occupied = np.flatnonzero(self.slot_ids >= 0)
         if occupied.size:
             idx = torch.from_numpy(occupied).to(self.device)
-            self.store.write(self.slot_ids[occupied], self.weight[idx].cpu().numpy(),
-                             self.momentum[idx].cpu().numpy(), self.log.num_steps)
+            self._stored(self.slot_ids[occupied], self.weight[idx].cpu().numpy(),
+                         self.momentum[idx].cpu().numpy())
         self.weight.zero_()
         self.momentum.zero_()
         self.valid.zero_()
@@ -118,9 +143,12 @@ class RecentRows:
         self._slot_of.clear()
 
     def state_dict(self) -> dict:
+        live = sorted(step for step, count in self._stored_at.items() if count > 0)
         return {"slot_ids": torch.from_numpy(self.slot_ids.copy()),
                 "last_visit": torch.from_numpy(self.last_visit.copy()),
-                "weight": self.weight.cpu(), "momentum": self.momentum.cpu(), "clock": self._clock}
+                "weight": self.weight.cpu(), "momentum": self.momentum.cpu(), "clock": self._clock,
+                "stored_steps": torch.tensor(live, dtype=torch.int64),
+                "stored_counts": torch.tensor([self._stored_at[s] for s in live], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.slot_ids = state["slot_ids"].numpy().astype(np.int64).copy()
@@ -129,5 +157,6 @@ class RecentRows:
         self.momentum.copy_(state["momentum"])
         self.valid.copy_(torch.from_numpy(self.slot_ids >= 0))
         self._clock = int(state["clock"])
+        self._stored_at = Counter(dict(zip(state["stored_steps"].tolist(), state["stored_counts"].tolist())))
         occupied = np.flatnonzero(self.slot_ids >= 0)
         self._slot_of = dict(zip(self.slot_ids[occupied].tolist(), occupied.tolist()))

@@ -86,6 +86,12 @@ def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dt
                            compressors=None, config=_ARRAY_CONFIG)
 
 
+def window_cache_rows(window: int, stride: int, chunk_rows: int) -> int:
+    """The host cache a sliding window needs, in whole chunks: a window (and the next stride) that
+    does not start on a chunk boundary spans one chunk more than its rows fill."""
+    return (-(-window // chunk_rows) + -(-stride // chunk_rows) + 2) * chunk_rows
+
+
 def _remove_leftovers(path: str) -> None:
     """Delete what a killed create or destroy of the local store ``path`` left beside it."""
     parent, base = os.path.split(os.path.abspath(path))
@@ -135,6 +141,7 @@ class RowStore:
         self._pinned: set[int] = set()  # chunks the current read/write needs resident
         self._cond = threading.Condition(threading.RLock())
         self._executor: ThreadPoolExecutor | None = None
+        self.chunk_loads = 0  # chunks read into the cache so far (absent ones included)
         self._recover(head)
         self._saved = self._saved_chunks(self.generation)
 
@@ -280,6 +287,7 @@ class RowStore:
 
     def _load(self, c: int, slot: int) -> None:
         """Chunk ``c`` into pool slot ``slot`` (edge chunks padded); an absent chunk reads as the fill."""
+        self.chunk_loads += 1
         for name, pool, fill in zip(_ARRAYS, self._pool, (0, 0, -1)):
             if not self._io.read_into(self._key(name, c), pool[slot]):
                 pool[slot].fill(fill)

@@ -1,8 +1,10 @@
 """Exact lazy correction of classifier rows that received no gradient for a stretch of SGD steps.
 
 A row with ``g = 0`` during steps ``(s, t]`` evolves by ``A_t ··· A_{s+1}``, with
-``A_k = [[1 − η_k·λ, −η_k·m], [λ, m]]`` acting on ``(w, u)``. :class:`TransitionLog` keeps every
+``A_k = [[1 − η_k·λ, −η_k·m], [λ, m]]`` acting on ``(w, u)``. :class:`TransitionLog` keeps the
 applied ``η_k`` and answers such range products exactly in float64 from a growable segment tree.
+``compact(L)`` folds steps ``1..L`` into one matrix once no query can start inside them (only at 0,
+for never-written rows, or at ``L`` and later), so the log holds about one sweep of steps, not all.
 """
 from __future__ import annotations
 
@@ -18,13 +20,31 @@ class TransitionLog:
     def __init__(self, momentum: float, weight_decay: float):
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
-        self._lrs: list[float] = []
+        self._lrs: list[float] = []  # the learning rates of steps offset+1 .. num_steps
+        self._offset = 0
+        self._base = np.eye(2)  # A_offset ··· A_1, for queries that start at step 0
         self._cap = 1
         self._tree = np.tile(np.eye(2), (2, 1, 1))  # node k = product of its range, later steps left
 
     @property
     def num_steps(self) -> int:
-        return len(self._lrs)
+        return self._offset + len(self._lrs)
+
+    @property
+    def offset(self) -> int:
+        """Steps ``1..offset`` are folded: a query may start at 0 or at ``offset`` and later."""
+        return self._offset
+
+    def compact(self, keep_from: int) -> None:
+        """Fold the steps up to ``keep_from`` into the product for queries from step 0."""
+        fold = min(int(keep_from), self.num_steps - 1) - self._offset  # keeps the last lr
+        if fold <= 0:
+            return
+        for a in self.matrix(self._lrs[:fold]):
+            self._base = a @ self._base
+        self._lrs = self._lrs[fold:]
+        self._offset += fold
+        self._rebuild(max(1, 1 << (len(self._lrs) - 1).bit_length()))
 
     @property
     def last_lr(self) -> float:
@@ -44,7 +64,8 @@ class TransitionLog:
     def _rebuild(self, cap: int) -> None:
         tree = np.tile(np.eye(2), (2 * cap, 1, 1))
         n = len(self._lrs)
-        tree[cap:cap + n] = self.matrix(self._lrs)
+        if n:
+            tree[cap:cap + n] = self.matrix(self._lrs)
         lo, hi = cap // 2, cap
         while lo >= 1:
             tree[lo:hi] = tree[2 * lo + 1:2 * hi:2] @ tree[2 * lo:2 * hi:2]
@@ -67,13 +88,16 @@ class TransitionLog:
     def products(self, starts: np.ndarray) -> np.ndarray:
         """``A_T ··· A_{s+1}`` for each ``s`` in ``starts`` (``T = num_steps``), shape ``(n, 2, 2)``."""
         starts = np.asarray(starts, dtype=np.int64)
-        if starts.size and (starts.min() < 0 or starts.max() > self.num_steps):
-            raise ValueError(f"start steps must lie in [0, {self.num_steps}]")
+        fresh = starts == 0
+        if starts.size and (starts.max() > self.num_steps or (starts[~fresh] < self._offset).any()
+                            or starts.min() < 0):
+            raise ValueError(f"start steps must be 0 or lie in [{self._offset}, {self.num_steps}]")
         n = starts.size
         left = np.tile(np.eye(2), (n, 1, 1))   # earliest ranges, accumulated on the right
+        left[fresh] = self._base
         right = np.tile(np.eye(2), (n, 1, 1))  # latest ranges, accumulated on the left
-        lo = starts + self._cap
-        hi = np.full(n, self.num_steps + self._cap, dtype=np.int64)
+        lo = np.maximum(starts - self._offset, 0) + self._cap
+        hi = np.full(n, len(self._lrs) + self._cap, dtype=np.int64)
         while True:
             active = lo < hi
             if not active.any():
@@ -118,13 +142,16 @@ class TransitionLog:
         return p[:, 0, 0] * w + p[:, 0, 1] * u, p[:, 1, 0] * w + p[:, 1, 1] * u
 
     def state_dict(self) -> dict:
-        return {"lrs": torch.tensor(self._lrs, dtype=torch.float64),
+        return {"lrs": torch.tensor(self._lrs, dtype=torch.float64), "offset": self._offset,
+                "base": torch.from_numpy(self._base.copy()),
                 "momentum": self.momentum, "weight_decay": self.weight_decay}
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum = float(state["momentum"])
         self.weight_decay = float(state["weight_decay"])
         self._lrs = [float(x) for x in state["lrs"].tolist()]
+        self._offset = int(state.get("offset", 0))
+        self._base = state["base"].numpy().copy() if "base" in state else np.eye(2)
         cap = 1
         while cap < len(self._lrs):
             cap *= 2

@@ -8,9 +8,12 @@ the valid inputs in the permutation, so they have no holes and do not depend on 
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from collections import deque
@@ -25,11 +28,12 @@ from tqdm import tqdm
 from . import format as F
 from .format import ShardsError
 from .convert import CORRUPT, READ_ERROR, Skip, prepare
-from .sources import Input, list_inputs, read_input
+from .sources import Input, SourceOptions, list_inputs, read_sample
 from .writer import ShardWriter
 
 BUILD_FILE = "build.json"
 CHUNK = 8  # inputs per task sent to a worker
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -61,16 +65,19 @@ def permutation(names: list[str], seed: int) -> np.ndarray:
 
 def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int = 1, labels: bool = True,
                 max_side: int | None = None, resize_short: int | None = None, quality: int = 90,
-                progress: bool = True, storage_options: dict | None = None) -> ShardSummary:
-    """Pack the images of `src` (folder, list file or URL) into shards under `out` (folder or URL)."""
+                progress: bool = True, storage_options: dict | None = None,
+                source: SourceOptions | None = None) -> ShardSummary:
+    """Pack the images of `src` (folder, list file, tars, parquet, `datasets` folder, .beton or a URL; see
+    `SourceOptions`) into shards under `out` (folder or URL)."""
     t0 = time.perf_counter()
     if min(shard_size, workers, max_side or 1, resize_short or 1) < 1 or not 1 <= quality <= 100:
         raise ShardsError("shard size, workers, max side and resize short must be >= 1, quality in [1, 100]")
     so = storage_options or {}
-    listing = list_inputs(src, labels=labels, storage_options=so, exclude=str(out))
+    listing = list_inputs(src, labels=labels, storage_options=so, exclude=str(out), source=source)
     inputs = listing.inputs
     order = permutation([i.name for i in inputs], seed)
-    options = dict(labels=labels, max_side=max_side, resize_short=resize_short, quality=quality)
+    options = dict(labels=labels, max_side=max_side, resize_short=resize_short, quality=quality,
+                   **listing.options)
     fingerprint = F.sha256_hex(F.json_bytes(dict(
         version=F.FORMAT_VERSION, seed=seed, shard_size=shard_size, options=options,
         inputs=[[i.name, i.label] for i in inputs])))
@@ -94,13 +101,13 @@ def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int
                 skipped_total += 1
                 bar.set_postfix_str(f"skipped={skipped_total}", refresh=False)
                 continue
-            raw_size, prep = result
+            raw_size, prep, extra = result
             if writer is None:
                 k = len(sidecars)
                 writer = _output_op(out, lambda: ShardWriter(fs, root, k, k * shard_size))
                 converted = 0
             meta = dict(src=inp.name, bytes=raw_size, width=prep.width, height=prep.height,
-                        converted=prep.converted)
+                        converted=prep.converted, **extra)
             _output_op(out, lambda: writer.add(prep.data, inp.label, meta))
             converted += prep.converted is not None
             if len(writer) == shard_size:
@@ -117,6 +124,8 @@ def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int
     manifest_url = F.join(str(out), F.MANIFEST)
     manifest_bytes = json.dumps(manifest, indent=1).encode()
     _output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST), manifest_bytes))
+    if listing.cleanup is not None:
+        listing.cleanup()
     summary = ShardSummary(
         inputs=len(inputs), packed=manifest["num_samples"], skipped=len(manifest["skipped"]),
         converted=manifest["converted"], num_shards=manifest["num_shards"], resumed_shards=len(done),
@@ -210,20 +219,38 @@ def _init(options: dict, so: dict) -> None:
     _OPTIONS.update(options=options, so=so)
 
 
+def _init_worker(parent: int, options: dict, so: dict) -> None:
+    _die_with_parent(parent)
+    _init(options, so)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker process when `parent` dies, however it dies (Linux; a
+    no-op elsewhere). The pool's queues alone do not end a worker whose parent was SIGKILLed."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _work(locators: list[str]) -> list:
-    """(raw size, Prepared) or Skip for each input."""
+    """(raw size, Prepared, source metadata) or Skip for each input."""
     options, so = _OPTIONS["options"], _OPTIONS["so"]
     results = []
     for loc in locators:
         try:
-            data = read_input(loc, so)
+            data, extra = read_sample(loc, so)
+        except Skip as s:  # the source knows the input is unusable (e.g. a failed download)
+            results.append(s)
+            continue
         except Exception as e:  # noqa: BLE001 - unreadable input is skipped, never fatal
             results.append(Skip(READ_ERROR, f"{type(e).__name__}: {e}"))
             continue
         try:
             results.append((len(data), prepare(data, max_side=options["max_side"],
                                                resize_short=options["resize_short"],
-                                               quality=options["quality"])))
+                                               quality=options["quality"]), extra))
         except Skip as s:
             results.append(s)
         except Exception as e:  # noqa: BLE001 - a decoder bug on hostile input must not stop the run
@@ -240,7 +267,8 @@ def _prepared(todo: list[Input], workers: int, options: dict, so: dict):
             yield from _work(chunk)
         return
     ctx = multiprocessing.get_context("spawn")  # no inherited threads (fsspec, tqdm) in the workers
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(options, so)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(), options, so)) as pool:
         pending: deque = deque()
         it = iter(chunks)
         for chunk in it:

@@ -1,4 +1,5 @@
-"""The shard format: file names, tar member layout, index layout and atomic writes (see shards/README.md)."""
+"""The shard format: file names, tar member layout, index layout, sample checksums and atomic writes
+(see shards/README.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,18 +7,48 @@ import json
 import tarfile
 
 import numpy as np
+import xxhash
+from fsspec.utils import get_protocol
 
 FORMAT_NAME = "picstream-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what make_shards writes
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 INDEX_DTYPE = np.dtype("<i8")
-INDEX_COLUMNS = 3  # (offset of the image bytes inside the tar, size, label or -1)
+# v1 rows: (offset of the image bytes inside the tar, size, label or -1); v2 adds the image's checksum
+INDEX_COLUMNS = {1: 3, 2: 4}
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to a whole record, like tarfile/GNU tar do
 
 
 class ShardsError(Exception):
-    """A fatal condition (missing source, no inputs, unwritable output, foreign output folder)."""
+    """A fatal condition, phrased for the user (missing source, no inputs, unwritable output, foreign
+    output folder, a manifest that cannot be read or is not a valid one)."""
+
+
+class SampleError(OSError):
+    """A sample that cannot be used; ``reason`` names why (the key its skip is counted under)."""
+
+    reason = "unreadable"
+
+
+class MissingShard(SampleError, FileNotFoundError):
+    reason = "missing"
+
+
+class DamagedData(SampleError):
+    reason = "damaged"
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs (a pure string test: creates no filesystem)."""
+    return get_protocol(str(url)) in ("file", "local")
+
+
+def sample_checksum(data: bytes) -> int:
+    """The index v2 checksum of a sample's image bytes: xxh3-64 as a signed int64."""
+    value = xxhash.xxh3_64_intdigest(data)
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def shard_name(k: int) -> str:

@@ -1,45 +1,96 @@
-"""`ShardSet`: random and sequential access to a shard set through its manifest (local path or any URL)."""
+"""`ShardSet`: random and sequential access to a shard set through its manifest (local path or any URL).
+
+Remote reads go through one :class:`RetryPolicy`; every index is checked against the manifest's
+sha256 and, in format v2, every sample's bytes against their checksum in the index.
+"""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
+from typing import Callable, TypeVar
 
 import fsspec
 import numpy as np
 
 from . import format as F
+from .format import DamagedData, MissingShard, ShardsError
+from .retry import RetryPolicy, RetryStats, Unavailable
 
-INDEX_CACHE_SHARDS = 4096  # per-shard index arrays kept (24 bytes per sample)
+INDEX_CACHE_SHARDS = 4096  # per-shard index arrays kept (32 bytes per sample)
 RANGE_BYTES = 64 << 20  # iter_range reads at most this many bytes per request
+SHARD_KEYS = {"name": str, "index": str, "first_id": int, "count": int, "bytes": int, "sha256": str,
+              "index_sha256": str}
+T = TypeVar("T")
+
+
+class _BadBody(OSError):
+    """A manifest whose bytes are not a JSON document (retried when remote: it may be a cut body)."""
 
 
 class ShardSet:
-    """A shard set opened from `…/manifest.json` or its folder. Safe to pickle and to use after fork."""
+    """A shard set opened from `…/manifest.json` or its folder. Safe to pickle and to use after fork.
 
-    def __init__(self, root: str, manifest: dict, storage_options: dict | None = None):
-        if manifest.get("format") != F.FORMAT_NAME or manifest.get("version") != F.FORMAT_VERSION:
-            raise ValueError(f"not a {F.FORMAT_NAME} v{F.FORMAT_VERSION} manifest: {root}")
+    ``retry`` is the policy of every remote read; ``retry_stats`` counts its retries in this process.
+    """
+
+    def __init__(self, root: str, manifest: dict, storage_options: dict | None = None,
+                 retry: RetryPolicy | None = None, retry_stats: RetryStats | None = None):
+        check_manifest(manifest, root)
         self.root = root.rstrip("/")
         self.manifest = manifest
         self.storage_options = dict(storage_options or {})
+        self.version: int = manifest["version"]
         self.shard_size: int = manifest["shard_size"]
         self.num_shards: int = manifest["num_shards"]
         self.label_names: list[str] | None = manifest["label_names"]
+        self.remote = not F.is_local(self.root)
+        self.retry = retry or RetryPolicy()
+        self.retry_stats = retry_stats or RetryStats()
         self._shards = manifest["shards"]
         self._n: int = manifest["num_samples"]
         self._fs = None
         self._pid = None
-        self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._failed: dict[int, OSError] = {}  # shards whose index could not be read, this run
 
     @classmethod
-    def open(cls, url, storage_options: dict | None = None) -> "ShardSet":
+    def open(cls, url, storage_options: dict | None = None, retry: RetryPolicy | None = None) -> "ShardSet":
+        """Open `url` (a manifest or its folder); every problem is a one-line :class:`ShardsError`."""
         url = str(url)
         manifest_url = url if url.endswith(".json") else F.join(url, F.MANIFEST)
-        fs, path = fsspec.core.url_to_fs(manifest_url, **(storage_options or {}))
-        manifest = json.loads(fs.cat_file(path))
-        return cls(manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else ".", manifest, storage_options)
+        retry, stats = retry or RetryPolicy(), RetryStats()
+        try:
+            fs, path = fsspec.core.url_to_fs(manifest_url, **(storage_options or {}))
+        except (ValueError, ImportError) as err:
+            raise ShardsError(f"cannot open shard manifest {manifest_url}: {err}") from None
+
+        def load() -> dict:
+            raw = fs.cat_file(path)
+            if not raw.strip():
+                raise _BadBody("is empty")
+            try:
+                return json.loads(raw)
+            except ValueError as err:
+                raise _BadBody(f"is not valid JSON (truncated?): {err}") from None
+
+        try:
+            if F.is_local(manifest_url):
+                manifest = load()
+            else:
+                manifest = retry.call(load, what=f"reading {manifest_url}", kind="manifest", stats=stats)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ShardsError(f"shard manifest not found: {manifest_url}") from None
+        except _BadBody as err:
+            raise ShardsError(f"shard manifest {manifest_url} {err}") from None
+        except Unavailable as err:
+            cause = err.__cause__
+            detail = f"{cause}" if isinstance(cause, _BadBody) else f"{err}"
+            raise ShardsError(f"cannot read shard manifest {manifest_url}: {detail}") from None
+        except OSError as err:
+            raise ShardsError(f"cannot read shard manifest {manifest_url}: {err}") from None
+        root = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
+        return cls(root, manifest, storage_options, retry, stats)
 
     def __getstate__(self):
         return {**self.__dict__, "_fs": None, "_pid": None}
@@ -64,25 +115,68 @@ class ShardSet:
         s = self._shards[k]
         return s["first_id"], s["count"]
 
+    def shard_record(self, k: int) -> dict:
+        """Shard k as the manifest lists it: name, index, first_id, count, bytes, sha256, index_sha256."""
+        return self._shards[k]
+
     def shard_url(self, k: int) -> str:
         return F.join(self.root, self._shards[k]["name"])
 
+    def remote_call(self, fn: Callable[[], T], *, what: str, kind: str) -> T:
+        """``fn()`` under the retry policy when the shard set is remote; once when it is local."""
+        if not self.remote:
+            return fn()
+        return self.retry.call(fn, what=what, kind=kind, stats=self.retry_stats)
+
     def index(self, k: int) -> np.ndarray:
         """int64 (count, 3): offset of the image bytes in the tar, their size, label (-1 unlabeled)."""
-        idx = self._index.get(k)
-        if idx is None:
-            data = self.fs.cat_file(F.join(self.root, self._shards[k]["index"]))
-            idx = np.frombuffer(data, dtype=F.INDEX_DTYPE).reshape(-1, F.INDEX_COLUMNS).astype(np.int64)
-            idx.setflags(write=False)
-            if len(idx) != self._shards[k]["count"]:
-                raise ValueError(f"index of shard {k} has {len(idx)} rows, the manifest says "
-                                 f"{self._shards[k]['count']}")
-            self._index[k] = idx
-            if len(self._index) > INDEX_CACHE_SHARDS:
-                self._index.popitem(last=False)
-        else:
-            self._index.move_to_end(k)
-        return idx
+        return self._index_rows(k)[:, :3]
+
+    def checksums(self, k: int) -> np.ndarray | None:
+        """int64 (count,): each sample's image checksum (format v2), None for a v1 shard set."""
+        return self._index_rows(k)[:, 3] if self.version >= 2 else None
+
+    def check_sample(self, sample_id: int, data: bytes) -> bytes:
+        """`data` if it is sample `sample_id`'s image as indexed; else :class:`DamagedData`."""
+        k, i = divmod(int(sample_id), self.shard_size)
+        sums = self.checksums(k)
+        if sums is not None and F.sample_checksum(data) != sums[i]:
+            raise DamagedData(f"sample {sample_id} (shard {k}) does not match its checksum")
+        return data
+
+    def _index_rows(self, k: int) -> np.ndarray:
+        rows = self._rows.get(k)
+        if rows is not None:
+            self._rows.move_to_end(k)
+            return rows
+        if k in self._failed:
+            raise self._failed[k]
+        try:
+            rows = self.remote_call(lambda: self._load_index(k), what=f"reading the index of shard {k}",
+                                    kind="index")
+        except OSError as err:  # remembered: one failure per shard and run, not one per sample
+            self._failed[k] = err
+            raise
+        self._rows[k] = rows
+        if len(self._rows) > INDEX_CACHE_SHARDS:
+            self._rows.popitem(last=False)
+        return rows
+
+    def _load_index(self, k: int) -> np.ndarray:
+        s = self._shards[k]
+        try:
+            data = self.fs.cat_file(F.join(self.root, s["index"]))
+        except FileNotFoundError:
+            raise MissingShard(f"index of shard {k} ({s['index']}) is missing") from None
+        if F.sha256_hex(data) != s["index_sha256"]:
+            raise DamagedData(f"index of shard {k} ({s['index']}, {len(data)} bytes) does not match "
+                                "its sha256 in the manifest")
+        columns = F.INDEX_COLUMNS[self.version]
+        rows = np.frombuffer(data, dtype=F.INDEX_DTYPE).reshape(-1, columns).astype(np.int64)
+        if len(rows) != s["count"]:
+            raise DamagedData(f"index of shard {k} has {len(rows)} rows, the manifest says {s['count']}")
+        rows.setflags(write=False)
+        return rows
 
     def labels(self, ids) -> np.ndarray:
         """int64 labels of `ids` (-1 for unlabeled samples)."""
@@ -97,13 +191,16 @@ class ShardSet:
         return out
 
     def read(self, sample_id: int) -> bytes:
-        """The image bytes of one sample, with one ranged read."""
+        """The image bytes of one sample, with one ranged read, checked against its checksum."""
         k = self.shard_of(sample_id)
-        offset, size, _ = self.index(k)[int(sample_id) - k * self.shard_size]
-        return self._read_range(k, int(offset), int(offset + size))
+        offset, size, _ = (int(v) for v in self.index(k)[int(sample_id) - k * self.shard_size])
+        return self.remote_call(
+            lambda: self.check_sample(sample_id, self._read_range(k, offset, offset + size)),
+            what=f"reading sample {sample_id}", kind="range")
 
     def iter_range(self, start: int, stop: int):
-        """Yield `(id, image bytes, label)` for IDs in [start, stop), reading contiguous byte ranges."""
+        """Yield `(id, image bytes, label)` for IDs in [start, stop), reading contiguous byte ranges
+        (every sample checked; a damaged one raises :class:`DamagedData`)."""
         start, stop = max(0, int(start)), min(self._n, int(stop))
         sample_id = start
         while sample_id < stop:
@@ -115,29 +212,55 @@ class ShardSet:
             while i < len(rows):
                 lo = int(rows[i, 0])
                 j = i + 1 + int(np.searchsorted(rows[i + 1:, 0] + rows[i + 1:, 1], lo + RANGE_BYTES, "right"))
-                hi = int(rows[j - 1, 0] + rows[j - 1, 1])
-                block = self._read_range(k, lo, hi)
-                for off, size, label in rows[i:j]:
-                    yield sample_id, block[off - lo:off - lo + size], int(label)
+                block_rows, block_first = rows[i:j], sample_id
+
+                def read_block() -> list[bytes]:
+                    block = self._read_range(k, lo, int(block_rows[-1, 0] + block_rows[-1, 1]))
+                    return [self.check_sample(block_first + n, block[off - lo:off - lo + size])
+                            for n, (off, size, _) in enumerate(block_rows)]
+                samples = self.remote_call(read_block, what=f"reading samples {block_first}.."
+                                           f"{block_first + len(block_rows) - 1}", kind="range")
+                for data, label in zip(samples, block_rows[:, 2]):
+                    yield sample_id, data, int(label)
                     sample_id += 1
                 i = j
 
     def verify(self, shards=None) -> list[str]:
-        """Check sizes and sha256 of the given shards (all by default); a list of problems, empty if none."""
+        """Check the given shards (all by default) against the manifest: tar size and sha256, index
+        sha256 and, in format v2, every sample's checksum. One line per damaged file, empty if none."""
         problems = []
         for k in range(self.num_shards) if shards is None else shards:
             s = self._shards[k]
-            for name, key in ((s["name"], "sha256"), (s["index"], "index_sha256")):
-                try:
-                    data = self.fs.cat_file(F.join(self.root, name))
-                except FileNotFoundError:
-                    problems.append(f"shard {k}: {name} is missing")
-                    continue
-                if key == "sha256" and len(data) != s["bytes"]:
-                    problems.append(f"shard {k}: {name} has {len(data)} bytes, expected {s['bytes']}")
-                elif hashlib.sha256(data).hexdigest() != s[key]:
-                    problems.append(f"shard {k}: {name} checksum mismatch")
+            url = F.join(self.root, s["name"])
+            try:
+                tar = self.remote_call(lambda: self.fs.cat_file(url), what=f"reading {url}", kind="shard")
+            except FileNotFoundError:
+                problems.append(f"shard {k}: {s['name']} is missing")
+                tar = None
+            if tar is not None and (len(tar) != s["bytes"] or F.sha256_hex(tar) != s["sha256"]):
+                what = (f"has {len(tar)} bytes, expected {s['bytes']}" if len(tar) != s["bytes"]
+                        else "checksum mismatch")
+                damaged = self._damaged_samples(k, tar)
+                problems.append(f"shard {k}: {s['name']} {what}"
+                                + (f"; damaged samples: {damaged}" if damaged else ""))
+            try:
+                self.remote_call(lambda: self._load_index(k), what=f"reading the index of shard {k}",
+                                 kind="index")
+            except OSError as err:
+                problems.append(f"shard {k}: {err}")
         return problems
+
+    def _damaged_samples(self, k: int, tar: bytes) -> list[int]:
+        """IDs of shard k's samples whose bytes in `tar` fail their checksum (none known for v1)."""
+        try:
+            rows, sums = self.index(k), self.checksums(k)
+        except OSError:
+            return []
+        if sums is None:
+            return []
+        first = k * self.shard_size
+        return [first + i for i, ((off, size, _), want) in enumerate(zip(rows.tolist(), sums.tolist()))
+                if F.sample_checksum(tar[off:off + size]) != want]
 
     def _read_range(self, k: int, start: int, end: int) -> bytes:
         data = self.fs.cat_file(self.shard_url(k), start=start, end=end)
@@ -150,3 +273,37 @@ class ShardSet:
     def _check(self, sample_id: int) -> None:
         if not 0 <= sample_id < self._n:
             raise IndexError(f"sample ID {sample_id} out of range [0, {self._n})")
+
+
+def check_manifest(manifest, where: str) -> None:
+    """Raise a one-line :class:`ShardsError` unless `manifest` is a consistent v1/v2 shard manifest."""
+    def bad(why: str):
+        return ShardsError(f"{where}: not a valid {F.FORMAT_NAME} manifest: {why}")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != F.FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardsError(f"{where}: not a {F.FORMAT_NAME} manifest (format: {found!r})")
+    version = manifest.get("version")
+    if version not in F.READABLE_VERSIONS:
+        raise ShardsError(f"{where}: shard format version {version!r} is not supported (this picstream "
+                          f"reads versions {', '.join(map(str, F.READABLE_VERSIONS))})")
+    for key in ("num_samples", "shard_size", "num_shards"):
+        if type(manifest.get(key)) is not int or manifest[key] < 0:
+            raise bad(f"'{key}' must be a non-negative integer, got {manifest.get(key)!r}")
+    shards, size = manifest.get("shards"), manifest["shard_size"]
+    if not isinstance(shards, list) or len(shards) != manifest["num_shards"]:
+        raise bad(f"'shards' must list num_shards={manifest['num_shards']} shards")
+    if not isinstance(manifest.get("label_names", 0), (list, type(None))):
+        raise bad("'label_names' must be a list or null")
+    for k, s in enumerate(shards):
+        if not isinstance(s, dict) or any(type(s.get(key)) is not tp for key, tp in SHARD_KEYS.items()):
+            raise bad(f"shard {k} must have {', '.join(SHARD_KEYS)}")
+        last = k == len(shards) - 1
+        if s["first_id"] != k * size or not 0 < s["count"] <= size or (s["count"] != size and not last):
+            raise bad(f"shard {k} holds IDs [{s['first_id']}, {s['first_id'] + s['count']}), expected "
+                      f"{'up to ' if last else ''}[{k * size}, {(k + 1) * size})")
+    held = sum(s["count"] for s in shards)
+    if held != manifest["num_samples"]:
+        raise bad(f"it claims {manifest['num_samples']} samples but its shards hold {held}")
+    if held == 0:
+        raise ShardsError(f"{where}: the shard set holds no samples")

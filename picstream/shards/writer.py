@@ -36,7 +36,7 @@ class ShardWriter:
         self._file = fs.open(self._tmp, "wb")
         self._sha = hashlib.sha256()
         self._pos = 0
-        self._rows: list[tuple[int, int, int]] = []
+        self._rows: list[tuple[int, int, int, int]] = []
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -60,14 +60,15 @@ class ShardWriter:
         if label >= 0:
             self._member(F.member_name(sample_id, "cls"), str(label).encode())
         self._member(F.member_name(sample_id, "json"), F.json_bytes(meta))
-        self._rows.append((offset, len(image), label))
+        self._rows.append((offset, len(image), label, F.sample_checksum(image)))
         return sample_id
 
     def close(self) -> ShardRecord:
         """Finish the tar, write the index, rename the tar into place."""
         self._write(F.end_of_archive(self._pos))
         self._file.close()
-        index = np.asarray(self._rows, dtype=F.INDEX_DTYPE).reshape(-1, F.INDEX_COLUMNS).tobytes()
+        columns = F.INDEX_COLUMNS[F.FORMAT_VERSION]
+        index = np.asarray(self._rows, dtype=F.INDEX_DTYPE).reshape(-1, columns).tobytes()
         F.write_atomic(self.fs, self.index_path, index)
         self.fs.mv(self._tmp, self.path)
         return ShardRecord(F.shard_name(self.k), F.index_name(self.k), self.first_id, len(self._rows),

@@ -1,37 +1,18 @@
-"""List the inputs of a source (folder tree, text/CSV file list, any fsspec URL) and read their bytes."""
+"""Source adapter for image files: a folder tree or a text/CSV file list (local or any fsspec URL)."""
 from __future__ import annotations
 
 import csv
 import io
 import os
-from dataclasses import dataclass
 
 import fsspec
 
-from .format import ShardsError
+from ..format import ShardsError
+from .base import Input, Listing, code_labels, is_url
 
 
-@dataclass(frozen=True)
-class Input:
-    name: str  # how the input is recorded: path relative to the folder, or the list entry as written
-    locator: str  # what is read: a local path or a full URL
-    label: int  # -1 when unlabeled
-
-
-@dataclass(frozen=True)
-class Listing:
-    url: str
-    kind: str  # "folder" | "list"
-    inputs: list[Input]
-    label_names: list[str] | None
-
-
-def is_url(s: str) -> bool:
-    return "://" in s
-
-
-def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None = None,
-                exclude: str | None = None) -> Listing:
+def list_files(src: str, *, labels: bool = True, storage_options: dict | None = None,
+               exclude: str | None = None) -> Listing:
     """Every file of a folder tree (labels = first-level sub-folder names), or every entry of a list file.
     `exclude`: a local folder (the output) left out of a local source tree."""
     src = str(src)
@@ -96,16 +77,7 @@ def _list_file(fs, path: str, local: bool, labels: bool):
     base = os.path.dirname(os.path.abspath(path)) if local else fs.unstrip_protocol(path).rsplit("/", 1)[0]
     entries = [r[0].strip() for r in rows]
     raw = [r[1].strip() if labels and len(r) > 1 and r[1].strip() else None for r in rows]
-    given = [x for x in raw if x is not None]
-    if not given:
-        names, codes = None, [-1] * len(rows)
-    elif all(x.isdigit() for x in given):
-        names = [str(i) for i in range(max(int(x) for x in given) + 1)]
-        codes = [int(x) if x is not None else -1 for x in raw]
-    else:
-        names = sorted(set(given))
-        index = {c: i for i, c in enumerate(names)}
-        codes = [index[x] if x is not None else -1 for x in raw]
+    names, codes = code_labels(raw)
 
     def locate(entry: str) -> str:
         if is_url(entry) or (local and os.path.isabs(entry)):

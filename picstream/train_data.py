@@ -1,0 +1,29 @@
+"""The training set and its loader, chosen by `data.train`: a shard set (`WindowLoader`) or an FFCV
+.beton trained on in place (`BetonLoader`, FFCV's Loader under picstream's sliding-window order)."""
+from __future__ import annotations
+
+from .beton import BetonSet, is_beton
+from .loader import WindowLoader
+from .shards import ShardSet, ShardsError
+
+
+def open_train_set(url: str, *, seed: int = 0):
+    """`ShardSet` for a manifest (or its folder), `BetonSet` for a `.beton` (its ID order from `seed`);
+    a .beton that cannot be opened is a `ShardsError` too (one line from the CLI)."""
+    if not is_beton(url):
+        return ShardSet.open(url)
+    try:
+        return BetonSet(url, seed=seed)
+    except (OSError, ValueError, ImportError, AssertionError) as e:  # AssertionError: FFCV's version check
+        raise ShardsError(f"cannot open {url}: {e}") from None
+
+
+def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache_bytes=None, augment=None,
+                 **kw):
+    """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache) and decodes in
+    threads of this process, so the colour augmentation stays with the trainer."""
+    if isinstance(train_set, BetonSet):
+        from .beton.loader import BetonLoader
+        return BetonLoader(train_set, scheduler, batch_size, **kw)
+    return WindowLoader(train_set, scheduler, batch_size, cache_dir=cache_dir, cache_bytes=cache_bytes,
+                        augment=augment, **kw)
