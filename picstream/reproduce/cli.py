@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         results[name], curves[name] = _collect(grids[name], scale, args.out, batch, num_instances)
     shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
     found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
-    write_page(page, scale, shown, results, curves, random_init, found_seeds)
+    not_run = [n for n in GRID_NAMES if grids[n] not in shown]
+    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run)
     print(f"reproduce: wrote {page}")
     return 0

@@ -125,7 +125,7 @@ def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curv
 
 
 def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curves: dict,
-               random_init: dict | None, seeds: list[int]) -> None:
+               random_init: dict | None, seeds: list[int], not_run: list[str] = ()) -> None:
     """``page`` and its plots in ``<page stem>/`` beside it. ``results[grid][variant]`` = result
     dicts (one per seed); ``curves[grid][variant]`` = each seed's ``read_curves``."""
     folder = page.parent / page.stem
@@ -146,6 +146,10 @@ def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curve
     ]
     if random_init is not None:
         lines.append(f"- Randomly initialised backbone: k-NN top-1 {random_init['top1']:.1f}.")
+    lines.append("- Wall times are this machine's, with whatever else ran on it at the time.")
+    if not_run:
+        lines.append(f"- Not run yet at this scale: {', '.join(not_run)} (`{_command(not_run[0], scale, seeds)}` "
+                     "adds a grid to this page).")
     if scale.name != "gpu":
         lines.append("- At this small scale differences of a point or two are usually inside the seed "
                      "noise; each claim below says whether the seeds separate.")
