@@ -3,6 +3,7 @@
 ``build_classifier`` is the trainer's only interface to classifier rows. Per step::
 
     logits, targets = clf.logits(z, ids)   # admits the batch's rows (recent) / all rows (full)
+    more = clf.view_logits(z2, detach_rows=True)   # optional: another view, the same rows
     loss = F.cross_entropy(logits, targets); loss.backward()
     clf.step(lr)                           # SGD on the rows; the backbone has its own optimiser
 """
@@ -50,8 +51,16 @@ class RecentClassifier:
         ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
         targets = self.rows.admit(ids)
         self._leaf = self.rows.weight.detach().requires_grad_(True)
-        out = _cosine_or_plain(z, self._leaf, self.loss, self.temperature)
-        return out.masked_fill(~self.rows.valid, float("-inf")), targets
+        return self.view_logits(z), targets
+
+    def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
+        """Logits of another view of the last ``logits`` batch over the same resident rows (no
+        admission); ``detach_rows``: no gradient reaches the rows from this view."""
+        if self._leaf is None:
+            raise RuntimeError("view_logits needs a logits() call earlier in the same step")
+        rows = self._leaf.detach() if detach_rows else self._leaf
+        out = _cosine_or_plain(z, rows, self.loss, self.temperature)
+        return out.masked_fill(~self.rows.valid, float("-inf"))
 
     def step(self, lr: float) -> None:
         """Apply one SGD step to every resident row (gradient from the last ``logits`` call)."""
@@ -107,7 +116,12 @@ class FullClassifier:
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×N logits, targets = ids)``."""
         targets = torch.as_tensor(ids, dtype=torch.long).to(self.weight.device)
-        return _cosine_or_plain(z, self.weight, self.loss, self.temperature), targets
+        return self.view_logits(z), targets
+
+    def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
+        """Logits of another view over all rows; ``detach_rows``: no gradient reaches the rows."""
+        rows = self.weight.detach() if detach_rows else self.weight
+        return _cosine_or_plain(z, rows, self.loss, self.temperature)
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -32,6 +32,9 @@ class DataConfig:
     workers: int = 4
     cache_dir: Optional[str] = None
     cache_gb: float = 20.0
+    # multi-crop: extra views beside the main one, items [size, count] or [size, count, scale_lo,
+    # scale_hi] (picstream.multicrop); empty = one view per image
+    multi_crop: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +66,9 @@ class ClassifierConfig:
     correction: Literal["exact", "paper", "none"] = "exact"
     store: Optional[str] = None
     chunk_rows: int = 4096
+    # which views' gradients reach the rows under multi-crop: the main view only (the authors'
+    # detached classifier for the extra crops) or every view (summed)
+    multi_crop_rows: Literal["main", "all"] = "main"
 
 
 @dataclass
@@ -321,3 +327,10 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'data.train' must name a shard manifest (path or URL) or a .beton")
     if len(config.data.crop_scale) != 2 or not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:
         raise ConfigError("config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1")
+    for i, item in enumerate(config.data.multi_crop):
+        scale = item[2:]
+        if not (len(item) in (2, 4) and all(v == int(v) and v >= 1 for v in item[:2])
+                and (not scale or 0 < scale[0] <= scale[1] <= 1)):
+            raise ConfigError(f"config key 'data.multi_crop[{i}]' must be [size, count] or [size, count, "
+                              f"scale_low, scale_high] with whole size, count >= 1 and 0 < low <= high "
+                              f"<= 1, got {item}")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
@@ -27,6 +26,7 @@ from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
+from .multicrop import loader_crops, multi_view_loss
 from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
@@ -37,9 +37,10 @@ from .train_data import open_train_set, train_loader
 RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A per-step seed for the batched photometric augmentation (independent of resumes)."""
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+def step_seed(seed: int, step: int, view: int = 0) -> int:
+    """A per-step, per-view seed for the batched photometric augmentation (independent of resumes;
+    distinct for every step and view below 7919 views, as 7919 and 104729 are primes)."""
+    return (seed * 1_000_003 + step * 7919 + view * 104_729 + 17) % (2**63 - 1)
 
 
 def build_scheduler(config: Config, num_instances: int):
@@ -218,21 +219,20 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(step, self.total_steps, self.peak_lr, self.warmup_steps)
 
-    def train_step(self, step: int, images: torch.Tensor, ids) -> dict[str, float]:
-        """One PIC step on a uint8 batch: augment → network → cosine logits over recent rows → SGD."""
+    def train_step(self, step: int, images: torch.Tensor, ids, extra_crops=()) -> dict[str, float]:
+        """One PIC step on a uint8 batch: augment → network → cosine logits over recent rows → SGD.
+
+        ``extra_crops`` (multi-crop views, aligned with ``images``) go through the same network;
+        every view's loss is over the rows admitted once for ``ids`` (:mod:`picstream.multicrop`).
+        """
         lr = self.lr_at(step)
-        x = images.to(self.device, non_blocking=True)
-        if not x.is_floating_point():  # uint8: colour augmentation here (else the loader did it)
-            seed = step_seed(self.config.run.seed, step)
-            x = self.augment(x, torch.Generator(device=self.device).manual_seed(seed))
-        if self.device.type == "cuda" and self.config.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        views = [self._view_input(step, view, x) for view, x in enumerate((images, *extra_crops))]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp
                     else contextlib.nullcontext())
         with autocast:
-            z = self.forward(x)
-        logits, targets = self.classifier.logits(z.float(), ids)
-        loss = F.cross_entropy(logits, targets)
+            zs = [self.forward(x) for x in views]
+        loss = multi_view_loss(self.classifier, [z.float() for z in zs], ids,
+                               self.config.classifier.multi_crop_rows)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         for group in self.optimizer.param_groups:
@@ -242,6 +242,17 @@ class Trainer:
         self.optimizer.step()
         self.classifier.step(lr)
         return {"loss": loss.item(), "lr": lr}
+
+    def _view_input(self, step: int, view: int, images: torch.Tensor) -> torch.Tensor:
+        """One view on the device; uint8 is colour-augmented here (else the loader did it), seeded
+        by ``(seed, step, view)``."""
+        x = images.to(self.device, non_blocking=True)
+        if not x.is_floating_point():
+            seed = step_seed(self.config.run.seed, step, view)
+            x = self.augment(x, torch.Generator(device=self.device).manual_seed(seed))
+        if self.device.type == "cuda" and self.config.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -265,7 +276,7 @@ class Trainer:
                 retries.update(batch.retries)
                 retries.update(self.shards.retry_stats.drain())
                 self.prefetch_rows(step)
-                result = self.train_step(step, batch.images, batch.ids)
+                result = self.train_step(step, batch.images, batch.ids, batch.extra_crops)
                 done = step + 1
                 if done % config.train.log_every == 0 or done == self.total_steps:
                     last = metrics.log(step, {
@@ -293,7 +304,8 @@ class Trainer:
         config = self.config
         return train_loader(
             self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
-            crop_scale=tuple(config.data.crop_scale), workers=config.data.workers,
+            crop_scale=tuple(config.data.crop_scale), multi_crop=loader_crops(config.data.multi_crop),
+            workers=config.data.workers,
             start_step=self.start_step, num_steps=self.total_steps - self.start_step,
             seed=config.run.seed, cache_dir=config.data.cache_dir,
             cache_bytes=int(config.data.cache_gb * 2**30),

@@ -12,7 +12,7 @@ def write(tmp_path, text):
 
 
 def test_shipped_configs_load_and_in1k_has_paper_defaults():
-    for name in ("demo", "cifar10", "in1k", "in11k"):
+    for name in ("demo", "cifar10", "in1k", "in11k", "in1k-multicrop"):
         load_config(REPO / "configs" / f"{name}.yaml")
     c = load_config(REPO / "configs" / "in1k.yaml")
     assert (c.model.arch, c.optim.batch_size, c.optim.base_lr, c.optim.weight_decay) == ("resnet50", 512, 0.06, 1e-4)

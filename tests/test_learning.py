@@ -6,7 +6,6 @@ on 2 cores) pre-trains on 250 images for 100 epochs through the row store (K = 1
 evaluates k-NN with a 3000-image bank on 1000 test images. Measured on 2 cores: random init 28.3,
 PIC cosine 35.5, PIC plain 19.4 (~8 min for the whole test).
 """
-import os
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from picstream.config import load_config
 from picstream.evaluate import extract_splits, knn_classify
 from picstream.model import PICNet
+from picstream.reproduce.runner import class_subset
 from picstream.shards import make_shards
 from picstream.train import Trainer
 
@@ -26,21 +26,13 @@ BUDGET = [
 ]
 
 
-def subset(src, dst, per_class):
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[:per_class]:
-            os.symlink(f, dst / cls.name / f.name)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def cifar_shards(cifar10_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar-shards")
     out = {}
     for name, split, per_class in (("pretrain", "train", PRETRAIN_PER_CLASS), ("bank", "train", BANK_PER_CLASS),
                                    ("test", "test", TEST_PER_CLASS)):
-        make_shards(str(subset(cifar10_dir / split, root / "src" / name, per_class)), str(root / name),
+        make_shards(str(class_subset(cifar10_dir / split, root / "src" / name, per_class)), str(root / name),
                     shard_size=512, seed=0, progress=False)
         out[name] = root / name / "manifest.json"
     return out

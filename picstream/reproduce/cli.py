@@ -1,0 +1,92 @@
+"""Command line: `python tools/reproduce.py --grid NAME|all --scale cpu|gpu [--seeds 0,1] ...`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..shards import ShardSet
+from .grids import GRID_NAMES, SCALES, build_grids
+from .report import write_page
+from .runner import DataSplits, prepare_cifar10, random_init_knn, read_curves, run_variant, slug
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reproduce", description=__doc__)
+    p.add_argument("--grid", default="all", choices=(*GRID_NAMES, "all"), help="which grid (default all)")
+    p.add_argument("--scale", default="cpu", choices=tuple(SCALES),
+                   help="cpu: CIFAR-10 subset, <= 1 h a grid on 2 cores; gpu: all of CIFAR-10 on one GPU; "
+                        "smoke: a seconds-long pipeline check")
+    p.add_argument("--seeds", default="0,1", help="comma-separated run seeds (default 0,1)")
+    p.add_argument("--cifar10", type=Path, default=default_cifar10(),
+                   help="CIFAR-10 as train/<class>/, test/<class>/ images, or the .tar.gz holding them "
+                        "(default: cifar10-jpeg.tar.gz in $PICSTREAM_SHARED_DATA or ../shared/data)")
+    p.add_argument("--train", type=Path, help="instead of --cifar10: pre-training shard manifest")
+    p.add_argument("--bank", type=Path, help="with --train: labeled k-NN bank manifest")
+    p.add_argument("--val", type=Path, help="with --train: labeled k-NN test manifest")
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="runs and shards (default "
+                                                                             "runs/reproduce)")
+    p.add_argument("--page", type=Path, help="default docs/results.md (docs/results-<scale>.md for other "
+                                             "scales)")
+    return p
+
+
+def default_cifar10() -> Path:
+    """The shared data folder beside the repository, as the tests find it."""
+    shared = os.environ.get("PICSTREAM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
+    return Path(shared) / "cifar10-jpeg.tar.gz"
+
+
+def _data(args, scale) -> DataSplits:
+    given = [args.train, args.bank, args.val]
+    if any(given):
+        if None in given:
+            raise ValueError("give all of --train, --bank and --val (or none, for --cifar10)")
+        return DataSplits(*given)
+    if not args.cifar10.exists():
+        raise FileNotFoundError(f"CIFAR-10 not found at {args.cifar10}: give --cifar10")
+    return prepare_cifar10(args.cifar10, args.out / "data", scale)
+
+
+def _collect(grid, scale, out: Path, batch: int, num_instances: int):
+    """Every finished run of ``grid`` under ``out`` (any seed): results and curves per variant."""
+    results, curves = {}, {}
+    for v in grid.variants:
+        found = sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*/result.json"))
+        runs = sorted((json.loads(p.read_text()) for p in found), key=lambda r: r["seed"])
+        results[v.name] = runs
+        curves[v.name] = [read_curves(p.parent, batch, num_instances) for p in found]
+    return results, curves
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    scale = SCALES[args.scale]
+    page = args.page or Path("docs/results.md" if scale.name == "cpu" else f"docs/results-{scale.name}.md")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        data = _data(args, scale)
+        num_instances = len(ShardSet.open(str(data.pretrain)))
+        grids = build_grids(scale)
+        chosen = GRID_NAMES if args.grid == "all" else (args.grid,)
+        base = dict(o.split("=", 1) for o in scale.base)
+        random_init = random_init_knn(scale, data, args.out)
+        for name in chosen:
+            for variant in grids[name].variants:
+                for seed in seeds:
+                    run_variant(grids[name], variant, seed, scale, data, args.out, num_instances, print)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"reproduce: error: {err}", file=sys.stderr)
+        return 2
+    batch = int(base["optim.batch_size"])   # no variant changes the batch
+    results, curves = {}, {}
+    for name in GRID_NAMES:
+        results[name], curves[name] = _collect(grids[name], scale, args.out, batch, num_instances)
+    shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
+    found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
+    not_run = [n for n in GRID_NAMES if grids[n] not in shown]
+    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run)
+    print(f"reproduce: wrote {page}")
+    return 0
