@@ -129,7 +129,7 @@ def test_labels_and_extra_crop_scales(labelled):
     sched = EpochScheduler(len(labelled), seed=0)
     loader = WindowLoader(labelled, sched, 10, image_size=32, workers=0, num_steps=3, decoder="simplejpeg",
                           multi_crop=[(24, 1), (8, 2)])
-    assert [s.scale for s in loader.specs] == [(0.2, 1.0), (0.2, 1.0), (0.05, 0.14), (0.05, 0.14)]
+    assert [s.scale for s in loader.specs] == [(0.2, 1.0), (0.2, 1.0), (0.08, 0.14), (0.08, 0.14)]
     for b in batches(loader):
         np.testing.assert_array_equal(b.labels.numpy(), labelled.labels(b.ids.numpy()))
         assert set(b.labels.tolist()) <= {0, 1}

@@ -38,7 +38,7 @@ __all__ = ["Batch", "WindowLoader", "SMALL_CROP_SCALE", "UnreadableStream", "cro
 
 log = logging.getLogger(__name__)
 
-SMALL_CROP_SCALE = (0.05, 0.14)   # multi-crop's small views (official PIC code)
+SMALL_CROP_SCALE = (0.08, 0.14)   # multi-crop's small views: the authors' scripts/PIC.sh (--crop 0.08 --crop2 0.14)
 
 
 class UnreadableStream(ShardsError):
