@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from .rowstore.storage import about, fsync_path
+from .iopoints import about, fsync_path
 
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 FORMAT = "picstream-checkpoint-1"

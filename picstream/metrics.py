@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from .iopoints import replace_file
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:
@@ -23,9 +24,7 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
             continue
         if record.get("step", -1) < after_step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)  # a kill never loses the records kept
+    replace_file(path, "".join(line + "\n" for line in kept).encode())  # a kill loses no record kept
 
 
 class MetricsLogger:

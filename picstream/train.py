@@ -22,6 +22,7 @@ from .classifier import build_classifier
 from .config import Config, ConfigError, config_changes, config_from_dict, load_config
 from .device import resolve_device
 from .evaluate import extract_splits, knn_classify
+from .iopoints import replace_file
 from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
@@ -132,9 +133,7 @@ class Trainer:
             return json.loads(path.read_text())["run_id"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             run_id = uuid.uuid4().hex
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"run_id": run_id}) + "\n")
-            os.replace(tmp, path)
+            replace_file(path, (json.dumps({"run_id": run_id}) + "\n").encode())
             return run_id
 
     def _checkpoint_to_resume(self, resume: str) -> Optional[tuple[Path, dict]]:
@@ -154,11 +153,7 @@ class Trainer:
                 return None
             path, state = found
         else:
-            path = Path(resume)
-            try:
-                state = load_checkpoint(path)
-            except (ValueError, OSError) as err:
-                raise ConfigError(f"--resume {resume}: {err}") from None
+            path, state = Path(resume), load_resume_checkpoint(resume)
         self._check_config(path, state)
         if resume != "auto" and path.parent.resolve() == self.ckpt_dir.resolve():
             moved = retire_newer(self.ckpt_dir, int(state["step"]))
@@ -343,15 +338,13 @@ class Trainer:
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 
-def _check_resume_arg(resume: str) -> None:
-    """`--resume` is 'auto', 'none' or a loadable checkpoint file (checked before anything is written)."""
-    if resume in ("auto", "none"):
-        return
+def load_resume_checkpoint(resume: str, mmap: bool = False) -> dict:
+    """The checkpoint file that `--resume` names, or one `ConfigError` line."""
     if not Path(resume).is_file():
         raise ConfigError(f"--resume: no checkpoint file at {resume} (use 'auto', 'none' or a "
                           "ckpt-*.pt path)")
     try:
-        load_checkpoint(Path(resume), mmap=True)
+        return load_checkpoint(Path(resume), mmap=mmap)
     except ValueError as err:
         raise ConfigError(f"--resume: {err}") from None
 
@@ -375,7 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        _check_resume_arg(args.resume)
+        if args.resume not in ("auto", "none"):  # checked before anything is written
+            load_resume_checkpoint(args.resume, mmap=True)
         _check_output_dir(Path(config.run.output_dir))
         trainer = Trainer(config, resume=args.resume)
         try:

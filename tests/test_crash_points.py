@@ -100,10 +100,10 @@ def assert_same(a: tuple, b: tuple) -> None:
 
 
 class Counter:
-    """An I/O hook that counts points, and acts at the n-th one."""
+    """An I/O hook that acts at the n-th point."""
 
     def __init__(self, at: int = 0, action=None):
-        self.count, self.at, self.action, self.per_command = 0, at, action, []
+        self.count, self.at, self.action = 0, at, action
 
     def __call__(self, kind: str, path: str) -> None:
         self.count += 1
@@ -132,28 +132,18 @@ def no_space(kind: str, path: str) -> None:
 SPACE_TAKING = ("write", "create", "link", "mkdir", "rename")
 
 
-def point_kinds(root: Path) -> list[str]:
-    """The kind of every I/O point of the uninterrupted scenario, in order."""
-    kinds: list[str] = []
-    iopoints.set_hook(lambda kind, _: kinds.append(kind))
-    try:
-        scenario(root)
-    finally:
-        iopoints.set_hook(None)
-    return kinds
-
-
-def points_per_command(root: Path) -> list[int]:
-    counts = []
+def recorded_points(root: Path) -> list[list[str]]:
+    """The kind of every I/O point of the uninterrupted scenario, in order, per command."""
+    per_command = []
     for command in COMMANDS:
-        hook = Counter()
-        iopoints.set_hook(hook)
+        kinds: list[str] = []
+        iopoints.set_hook(lambda kind, _: kinds.append(kind))
         try:
             run(root, **command)
         finally:
             iopoints.set_hook(None)
-        counts.append(hook.count)
-    return counts
+        per_command.append(kinds)
+    return per_command
 
 
 def in_child(root: Path, hook: Counter) -> int:
@@ -180,14 +170,14 @@ def command_of(n: int, counts: list[int]) -> int:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
-    counts = points_per_command(root)
-    return final_state(root), counts
+    kinds = recorded_points(root)
+    return final_state(root), kinds
 
 
 def test_scenario_is_history_dependent_and_restores(reference, tmp_path):
     """Sanity: the scenario really restores (skipping B's explicit resume gives other rows)."""
-    ref, counts = reference
-    assert len(counts) == 2 and min(counts) > 50
+    ref, kinds = reference
+    assert len(kinds) == 2 and min(map(len, kinds)) > 50
     run(tmp_path, **COMMANDS[0])
     run(tmp_path, last_step=8, branch=1)  # auto: continues from step 6 instead of 2
     other = final_state(tmp_path)
@@ -196,7 +186,8 @@ def test_scenario_is_history_dependent_and_restores(reference, tmp_path):
 
 @pytest.mark.slow
 def test_kill_at_every_io_point_resumes_bit_identical(reference, tmp_path):
-    ref, counts = reference
+    ref, kinds = reference
+    counts = [len(k) for k in kinds]
     total = sum(counts)
     for n in range(1, total + 1):
         root = tmp_path / f"n{n}"
@@ -209,9 +200,9 @@ def test_kill_at_every_io_point_resumes_bit_identical(reference, tmp_path):
 
 @pytest.mark.slow
 def test_enospc_at_every_io_point_is_clear_and_resumes(reference, tmp_path):
-    ref, counts = reference
-    kinds = point_kinds(tmp_path / "kinds")
-    for n in [i + 1 for i, kind in enumerate(kinds) if kind in SPACE_TAKING]:
+    ref, kinds = reference
+    counts = [len(k) for k in kinds]
+    for n in [i + 1 for i, kind in enumerate(sum(kinds, [])) if kind in SPACE_TAKING]:
         root = tmp_path / f"n{n}"
         assert in_child(root, Counter(n, no_space)) == 3, f"point {n}: no clear ENOSPC error naming a path"
         leftovers = [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.suffix]

@@ -35,7 +35,8 @@ class RecentRows:
         self.last_visit = np.full(k, -1, dtype=np.int64)
         self._slot_of: dict[int, int] = {}
         self._clock = 0
-        # how many rows the store holds with each last_step > 0: the oldest one bounds the log
+        # how many rows the store holds with each last_step > 0 (steps with none are dropped): the
+        # oldest one bounds the log
         self._stored_at: Counter[int] = Counter()
         self.compact_min_steps = int(compact_min_steps)
 
@@ -80,7 +81,12 @@ class RecentRows:
                 del self._slot_of[i]
         w, u, last = self.store.read(new_ids)
         steps, counts = np.unique(last[last > 0], return_counts=True)
-        self._stored_at.subtract(dict(zip(steps.tolist(), counts.tolist())))
+        for step, n in zip(steps.tolist(), counts.tolist()):  # these copies are stale from now on
+            left = self._stored_at[step] - n
+            if left > 0:
+                self._stored_at[step] = left
+            else:
+                self._stored_at.pop(step, None)
         w, u = self.log.advance(w, u, last, self.correction)
         idx = torch.from_numpy(free).to(self.device)
         self.weight.index_copy_(0, idx, torch.from_numpy(w).to(self.device, non_blocking=True))
@@ -110,9 +116,7 @@ class RecentRows:
         """Fold the log's steps before the oldest stored row's last step once there are at least
         ``compact_min_steps`` of them (a deterministic function of the stream, so a resumed run
         folds at the same steps)."""
-        live = [step for step, count in self._stored_at.items() if count > 0]
-        self._stored_at = Counter({step: self._stored_at[step] for step in live})
-        oldest = min(live, default=self.log.num_steps)
+        oldest = min(self._stored_at, default=self.log.num_steps)
         if oldest - self.log.offset >= self.compact_min_steps:
             self.log.compact(oldest)
 
@@ -143,7 +147,7 @@ class RecentRows:
         self._slot_of.clear()
 
     def state_dict(self) -> dict:
-        live = sorted(step for step, count in self._stored_at.items() if count > 0)
+        live = sorted(self._stored_at)
         return {"slot_ids": torch.from_numpy(self.slot_ids.copy()),
                 "last_visit": torch.from_numpy(self.last_visit.copy()),
                 "weight": self.weight.cpu(), "momentum": self.momentum.cpu(), "clock": self._clock,

@@ -8,43 +8,13 @@ always names the path it was about.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ..iopoints import point
-
-
-@contextlib.contextmanager
-def about(path: str, kind: str | None = None):
-    """Make an OSError raised inside name ``path`` when it names nothing; with ``kind``, first
-    announce the I/O point (a test's hook may fail it as the operation itself would)."""
-    try:
-        if kind is not None:
-            point(kind, path)
-        yield
-    except OSError as err:
-        if err.filename is None:
-            err.filename = path
-        raise
-
-
-def _write_all(f, view: memoryview) -> None:
-    done = 0
-    while done < len(view):
-        done += f.write(view[done:])
-
-
-def fsync_path(path: str) -> None:
-    """fsync a file or a folder (a folder's fsync makes its entries durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from ..iopoints import about, fsync_path, replace_file, write_all
 
 
 class StoreKeys:
@@ -189,33 +159,19 @@ class LocalFiles(StoreKeys):
                     st = os.fstat(f.fileno())
                     if st.st_nlink == 1 and st.st_size == len(view):
                         with about(path, "write"):
-                            _write_all(f, view)
+                            write_all(f, view)
                         self._track(path)
                         return
                 self._unlink(path)
             self._makedirs(os.path.dirname(path))
             with about(path, "create"), open(path, "xb", buffering=0) as f:
-                _write_all(f, view)
+                write_all(f, view)
             self._track(path)
 
     def put(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        tmp = path + ".tmp"
         self._makedirs(os.path.dirname(path))
-        try:
-            with about(tmp, "create"), open(tmp, "wb", buffering=0) as f:
-                _write_all(f, memoryview(data))
-                if self.durable:
-                    os.fsync(f.fileno())
-            with about(path, "rename"):
-                os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if self.durable:
-            with about(path):
-                fsync_path(os.path.dirname(path))
+        replace_file(path, data, self.durable)
 
     def snapshot(self, src: str, dst: str) -> None:
         s, d = self.path(src), self.path(dst)

@@ -31,7 +31,6 @@ import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -39,7 +38,8 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .init import init_rows
-from .storage import LocalFiles, StoreKeys, about, fsync_path
+from ..iopoints import about, fsync_path
+from .storage import LocalFiles, StoreKeys
 
 FORMAT = "picstream-rowstore-2"
 HEAD = "rowstore.json"
