@@ -4,8 +4,13 @@
 
     logits, targets = clf.logits(z, ids)   # admits the batch's rows (recent) / all rows (full)
     more = clf.view_logits(z2, detach_rows=True)   # optional: another view, the same rows
-    loss = F.cross_entropy(logits, targets); loss.backward()
+    loss = clf.cross_entropy(logits, targets); loss.backward()
     clf.step(lr)                           # SGD on the rows; the backbone has its own optimiser
+
+In a distributed run (``world``), ``z`` and ``ids`` are this rank's block of the global batch: the
+features are all-gathered, every rank admits the global batch's IDs into the same slot table, holds
+only the rows its part of the row store owns, and ``cross_entropy`` is the softmax over all ranks'
+rows (:mod:`picstream.distributed`).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from .distributed import World, gather_features, sharded_cross_entropy
 from .rowstore import RecentRows, RowStore, StoreError, StoreNotFound, TransitionLog, init_rows
 
 NORM_EPS = 1e-6
@@ -39,16 +46,17 @@ class RecentClassifier:
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
                  momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None,
-                 compact_min_steps: int = 1024):
+                 storage_options=None, compact_min_steps: int = 1024, world: World | None = None):
         self.store, self.loss, self.temperature = store, loss, temperature
-        self.store_url = store_url
+        self.store_url, self.storage_options = store_url, storage_options
+        self.world = world or World()
         self.log = TransitionLog(momentum, weight_decay)
         self.rows = RecentRows(store, self.log, capacity, device, dtype, correction, compact_min_steps)
         self._leaf: torch.Tensor | None = None
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×K logits, targets)``; empty slots are masked with −inf; targets are slot indices."""
-        ids = ids.cpu().numpy() if torch.is_tensor(ids) else np.asarray(ids)
+        ids = self.world.gather_ids(torch.as_tensor(ids).cpu()).numpy()
         targets = self.rows.admit(ids)
         self._leaf = self.rows.weight.detach().requires_grad_(True)
         return self.view_logits(z), targets
@@ -59,8 +67,12 @@ class RecentClassifier:
         if self._leaf is None:
             raise RuntimeError("view_logits needs a logits() call earlier in the same step")
         rows = self._leaf.detach() if detach_rows else self._leaf
-        out = _cosine_or_plain(z, rows, self.loss, self.temperature)
+        out = _cosine_or_plain(gather_features(z, self.world), rows, self.loss, self.temperature)
         return out.masked_fill(~self.rows.valid, float("-inf"))
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the global batch over every rank's rows."""
+        return sharded_cross_entropy(logits, targets, self.world)
 
     def step(self, lr: float) -> None:
         """Apply one SGD step to every resident row (gradient from the last ``logits`` call)."""
@@ -69,8 +81,10 @@ class RecentClassifier:
         self.rows.sgd_step(grad, lr)
 
     def min_row_norm(self) -> float:
+        """Over every rank's resident rows (a collective: every rank calls it)."""
         norms = self.rows.weight.norm(dim=1).masked_fill(~self.rows.valid, float("inf"))
-        return float(norms.min()) if len(self.rows) else float("nan")
+        low = self.world.all_min(float(norms.min()) if norms.numel() else float("inf"))
+        return low if len(self.rows) else float("nan")
 
     def device_bytes(self) -> int:
         return self.rows.device_bytes()
@@ -81,20 +95,54 @@ class RecentClassifier:
     def checkpoint_state(self) -> dict:
         """Device rows, transition log, and the store's identity and generation just committed."""
         return {"sampling": "recent", "store_id": self.store.store_id, "generation": self.store.commit(),
-                "rows": self.rows.state_dict(), "log": self.log.state_dict()}
+                "part": [self.store.rank, self.store.world], "rows": self.rows.state_dict(),
+                "log": self.log.state_dict()}
 
     def forget_before(self, state: dict) -> None:
         """No checkpoint older than ``state`` will be resumed: drop the store's older undo logs."""
         self.store.prune(int(state["generation"]))
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        """Return the store to the checkpoint's generation (refused when it is another store)."""
+    def _check_store(self, state: dict) -> None:
         if state.get("store_id") != self.store.store_id:
             raise StoreError(f"row store {self.store_url} (id {self.store.store_id}) is not the one the "
                              f"checkpoint was saved with (id {state.get('store_id')})")
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Return the store to the checkpoint's generation (refused when it is another store)."""
+        self._check_store(state)
         self.store.restore(int(state["generation"]))
         self.log.load_state_dict(state["log"])
         self.rows.load_state_dict(state["rows"])
+
+    def _open_part(self, part: tuple[int, int]) -> RowStore:
+        return RowStore.open(self.store_url, cache_rows=self.store.chunk_rows, part=part,
+                             storage_options=self.storage_options, durable=self.store.durable)
+
+    def load_resized(self, states: list[dict]) -> None:
+        """Continue from the classifier states of a checkpoint of ``len(states)`` ranks in a world of
+        another size, on one shared store: every old part returns to its generation (old part ``o`` by
+        rank ``o mod world``), this rank's part starts afresh, and the resident rows are re-partitioned.
+        Every rank calls it; the caller then saves a checkpoint and calls ``retire_other_parts``."""
+        for state in states:
+            self._check_store(state)
+        for o in range(self.world.rank, len(states), self.world.size):
+            part = self._open_part((o, len(states)))
+            part.restore(int(states[o]["generation"]))
+            part.close(flush=False)
+        self.world.barrier()
+        self.store.retire()
+        # every log holds the same steps; the least folded one reaches every stored row
+        self.log.load_state_dict(min((s["log"] for s in states), key=lambda log: int(log["offset"])))
+        self.rows.load_parts([s["rows"] for s in states])
+
+    def retire_other_parts(self) -> None:
+        """Retire the store's parts of other world sizes (shared among the ranks): no checkpoint of
+        another world size can then be resumed onto rows this world has changed."""
+        for i, part in enumerate(self.store.other_parts()):
+            if i % self.world.size == self.world.rank:
+                store = self._open_part(part)
+                store.retire()
+                store.close(flush=False)
 
     def close(self, flush: bool = True) -> None:
         """Release the store (``flush=False``: leave its unflushed rows unwritten)."""
@@ -122,6 +170,9 @@ class FullClassifier:
         """Logits of another view over all rows; ``detach_rows``: no gradient reaches the rows."""
         rows = self.weight.detach() if detach_rows else self.weight
         return _cosine_or_plain(z, rows, self.loss, self.temperature)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
 
     def step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -162,13 +213,38 @@ def _temporary_store_url() -> str:
     return path + "/rows.zarr"
 
 
+def store_url_of_rank(url: str, rank: int) -> str:
+    """A per-rank row store URL (``classifier.store`` with ``{rank}``, e.g. node-local disks), or the
+    one store all ranks share."""
+    return url.format(rank=rank) if "{rank}" in url else url
+
+
+def _prepare_store(url, num_rows, dim, *, fresh, run_id, seed, chunk_rows, dtype, opts) -> None:
+    """Make sure a row store for this run exists at ``url``: fresh (``fresh``), or the existing one."""
+    try:
+        store = RowStore.open(url, **{**opts, "cache_rows": chunk_rows})
+    except StoreNotFound:
+        store = None
+    if store is not None:
+        store.close(flush=False)
+        if fresh:
+            if store.run_id != run_id:
+                raise StoreError(f"row store {url} belongs to another run (run id {store.run_id}); "
+                                 "give this run its own classifier.store")
+            RowStore.destroy(url, opts["storage_options"])
+            store = None
+    if store is None:
+        RowStore.create(url, num_rows, dim, seed=seed, chunk_rows=chunk_rows, dtype=dtype, run_id=run_id,
+                        **{**opts, "cache_rows": chunk_rows}).close(flush=False)
+
+
 def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capacity: int = 65536,
                      loss: str = "cosine", temperature: float = 0.2, momentum: float = 0.9,
                      weight_decay: float = 1e-4, correction: str = "exact", store_url: str | None = None,
                      storage_options: dict | None = None, seed: int = 0, chunk_rows: int = 4096,
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
                      device="cpu", fresh: bool = False, run_id: str | None = None,
-                     durable: bool = False, compact_min_steps: int = 1024):
+                     durable: bool = False, compact_min_steps: int = 1024, world: World | None = None):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
@@ -176,33 +252,33 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     ``fresh=True`` starts from initial rows: an existing store of the same ``run_id`` is replaced, one
     of another run is refused. ``durable`` makes store commits survive a power loss. The transition
     log folds steps no stored row can start from, ``compact_min_steps`` at a time.
-    ``sampling='full'`` is the dense reference over all N rows.
+    In a distributed ``world`` each rank opens its part of the store (``store_url`` shared by all
+    ranks, or per rank when it contains ``{rank}``); ``cache_rows`` is then per rank.
+    ``sampling='full'`` is the dense reference over all N rows (one process only).
     """
     if loss not in ("cosine", "plain"):
         raise ValueError(f"unknown loss {loss!r}")
+    world = world or World()
     common = dict(loss=loss, temperature=temperature, momentum=momentum, weight_decay=weight_decay)
     if sampling == "full":
+        if world.size > 1:
+            raise ValueError("classifier.sampling = full is the 1-process reference; use 'recent'")
         return FullClassifier(num_rows, dim, seed=seed, device=device, dtype=dtype, **common)
     if sampling != "recent":
         raise ValueError(f"unknown sampling {sampling!r}")
-    url = store_url or _temporary_store_url()
+    url = store_url_of_rank(store_url or _temporary_store_url(), world.rank)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    opts = dict(cache_rows=cache_rows, storage_options=storage_options, durable=durable)
-    try:
-        store = RowStore.open(url, **opts)
-    except StoreNotFound:
-        store = None
-    if store is not None and fresh:
-        if store.run_id != run_id:
-            raise StoreError(f"row store {url} belongs to another run (run id {store.run_id}); "
-                             "give this run its own classifier.store")
-        RowStore.destroy(url, storage_options)
-        store = None
-    if store is None:
-        store = RowStore.create(url, num_rows, dim, seed=seed, chunk_rows=chunk_rows, dtype=np_dtype,
-                                run_id=run_id, **opts)
+    opts = dict(storage_options=storage_options, durable=durable)
+    prepare = lambda: _prepare_store(url, num_rows, dim, fresh=fresh, run_id=run_id, seed=seed,  # noqa: E731
+                                     chunk_rows=chunk_rows, dtype=np_dtype, opts=opts)
+    if store_url is not None and "{rank}" in store_url:
+        prepare()
+    else:
+        world.on_main(prepare)
+    store = RowStore.open(url, cache_rows=cache_rows, part=(world.rank, world.size), **opts)
     if (store.num_rows, store.dim, store.dtype) != (num_rows, dim, np_dtype):
         raise ValueError(f"row store at {url} has shape ({store.num_rows}, {store.dim}), "
                          f"dtype {store.dtype}; expected ({num_rows}, {dim}), {np_dtype}")
     return RecentClassifier(store, min(capacity, num_rows), correction=correction, device=device,
-                            dtype=dtype, store_url=url, compact_min_steps=compact_min_steps, **common)
+                            dtype=dtype, store_url=url, storage_options=storage_options,
+                            compact_min_steps=compact_min_steps, world=world, **common)

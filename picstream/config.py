@@ -55,6 +55,10 @@ class ModelConfig:
     cifar_stem: bool = False
     head_hidden: int = 2048
     feature_dim: int = 128
+    # BatchNorm (the paper's: per GPU, statistics of each rank's block of the batch) or GroupNorm(32)
+    # (per sample: a run's result does not depend on how the batch is split over ranks)
+    norm: Literal["batch", "group"] = "batch"
+    sync_bn: bool = False  # BatchNorm statistics over the global batch in a distributed run
 
 
 @dataclass
@@ -92,6 +96,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"
+    # float64: model, features and classifier rows in double precision (no autocast), for
+    # numerical checks such as a distributed run against a 1-process one
+    precision: Literal["float32", "float64"] = "float32"
     channels_last: bool = True
     compile: bool = False
     log_every: int = 10
@@ -99,6 +106,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_steps: Optional[int] = None
     durability: Literal["process", "power"] = "process"
+    # a distributed run: how long a collective waits for a rank that stopped answering
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -248,7 +257,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 # Keys a resumed run may change: they do not alter the training trajectory.
 RESUME_SAFE_KEYS = ("run.name", "run.output_dir", "data.workers", "data.cache_dir", "data.cache_gb",
                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.durability", "train.compile", "monitor.")
+                    "train.durability", "train.compile", "train.dist_timeout_s", "monitor.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -28,15 +28,17 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 
 
 class MetricsLogger:
-    """Writes every logged record to `metrics.jsonl` and TensorBoard; shows a progress bar."""
+    """Writes every logged record to `metrics.jsonl` and TensorBoard; shows a progress bar.
+    ``enabled=False`` (the other ranks of a distributed run) writes and shows nothing."""
 
     def __init__(self, run_dir: Path, start_step: int, total_steps: int, *, tensorboard: bool = True,
-                 show_progress: bool = True):
+                 show_progress: bool = True, enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        truncate_jsonl(self.path, start_step)
-        self._file = open(self.path, "a")
-        self._writer = None
-        if tensorboard:
+        self._file = self._writer = None
+        if enabled:
+            truncate_jsonl(self.path, start_step)
+            self._file = open(self.path, "a")
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step)
@@ -65,6 +67,8 @@ class MetricsLogger:
 
     def _write(self, record: dict[str, Any]) -> None:
         """One JSONL line, and every numeric field as a TensorBoard scalar at the record's step."""
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
@@ -74,7 +78,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._bar.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._writer is not None:
             self._writer.close()
 

@@ -8,12 +8,17 @@ from torch import nn
 from .config import ModelConfig
 
 
-def build_backbone(arch: str, cifar_stem: bool = False) -> nn.Module:
+def norm_layer(norm: str):
+    """``nn.BatchNorm2d`` or a GroupNorm(32 groups) of the same signature."""
+    return nn.BatchNorm2d if norm == "batch" else (lambda channels: nn.GroupNorm(32, channels))
+
+
+def build_backbone(arch: str, cifar_stem: bool = False, norm: str = "batch") -> nn.Module:
     """A torchvision ResNet without its `fc` layer (replaced by identity); output = pooled features.
 
     `cifar_stem` swaps the 7×7/2 conv + max-pool for a 3×3/1 conv without pooling (for 32 px inputs).
     """
-    backbone = getattr(torchvision.models, arch)(weights=None)
+    backbone = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer(norm))
     if cifar_stem:
         backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         backbone.maxpool = nn.Identity()
@@ -26,15 +31,16 @@ def backbone_dim(arch: str) -> int:
 
 
 class PICNet(nn.Module):
-    """backbone → pooled features → Linear-BN-ReLU-Linear head → z (unnormalised)."""
+    """backbone → pooled features → Linear-BN-ReLU-Linear head → z (unnormalised); ``norm='group'``
+    puts GroupNorm wherever BatchNorm would be."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.backbone = build_backbone(config.arch, config.cifar_stem)
+        self.backbone = build_backbone(config.arch, config.cifar_stem, config.norm)
         dim = backbone_dim(config.arch)
         self.head = nn.Sequential(
             nn.Linear(dim, config.head_hidden),
-            nn.BatchNorm1d(config.head_hidden),
+            nn.BatchNorm1d(config.head_hidden) if config.norm == "batch" else nn.GroupNorm(32, config.head_hidden),
             nn.ReLU(inplace=True),
             nn.Linear(config.head_hidden, config.feature_dim),
         )

@@ -13,7 +13,6 @@ number of views like the loss).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["loader_crops", "multi_view_loss"]
 
@@ -37,4 +36,4 @@ def multi_view_loss(classifier, zs: list[torch.Tensor], ids, rows_from: str = "m
         raise ValueError(f"rows_from must be 'main' or 'all', got {rows_from!r}")
     logits, targets = classifier.logits(zs[0], ids)
     views = [logits] + [classifier.view_logits(z, detach_rows=rows_from == "main") for z in zs[1:]]
-    return torch.stack([F.cross_entropy(v, targets) for v in views]).mean()
+    return torch.stack([classifier.cross_entropy(v, targets) for v in views]).mean()

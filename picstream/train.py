@@ -1,4 +1,10 @@
-"""`picstream-train`: PIC pre-training, shards → scheduler → loader → model → classifier ← row store."""
+"""`picstream-train`: PIC pre-training, shards → scheduler → loader → model → classifier ← row store.
+
+Under ``torchrun`` every rank runs this same program on its block of each global batch; what is
+distributed lives in :mod:`picstream.distributed` (the model wrapper, the feature gather and the
+sharded softmax) and in the row store's parts; decisions about the run directory (lock, run id,
+which checkpoint) are taken on rank 0 and broadcast.
+"""
 from __future__ import annotations
 
 import argparse
@@ -16,11 +22,13 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from .checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
-                         remove_stale_temporaries, retire_newer, save_checkpoint)
-from .classifier import build_classifier
+from .checkpoint import (classifier_states, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
+                         prune_checkpoints, remove_stale_temporaries, retire_newer, save_checkpoint,
+                         saved_world)
+from .classifier import build_classifier, store_url_of_rank
 from .config import Config, ConfigError, config_changes, config_from_dict, load_config
 from .device import resolve_device
+from .distributed import World, close_world, init_world, parallelize
 from .evaluate import extract_splits, knn_classify
 from .iopoints import replace_file
 from .loader import PhotometricAugment
@@ -56,17 +64,23 @@ class Trainer:
     """Owns one run: model, optimizers, classifier rows, data stream, checkpoints and metrics."""
 
     def __init__(self, config: Config, *, resume: str = "auto", show_progress: bool = True,
-                 num_instances: Optional[int] = None):
+                 num_instances: Optional[int] = None, world: Optional[World] = None):
         """`num_instances` trains on that many instances without opening `data.train` (images and
-        IDs then come from the caller through `train_step`; `run` needs shards)."""
+        IDs then come from the caller through `train_step`; `run` needs shards). `world`: this
+        process's rank (default: from torchrun's environment, or a 1-process run)."""
         self.config = config
         self.run_dir = Path(config.run.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(config.run.device)
-        self.show_progress = show_progress
+        self.world = world or init_world(self.device, config.train.dist_timeout_s)
+        self.show_progress = show_progress and self.world.is_main
+        if config.optim.batch_size % self.world.size:
+            raise ConfigError(f"optim.batch_size = {config.optim.batch_size} (the global batch) must be "
+                              f"divisible by the number of processes, {self.world.size}")
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # leave the loader workers their cores: oversubscribed OpenMP threads spin and crawl
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - config.data.workers))
+            per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, per_rank - config.data.workers))
         torch.manual_seed(config.run.seed)
 
         self.shards = open_train_set(config.data.train, seed=config.run.seed) if num_instances is None else None
@@ -81,34 +95,40 @@ class Trainer:
         self.peak_lr = optim.base_lr * self.global_batch / optim.base_batch_size
         self.scheduler = build_scheduler(config, self.num_instances)
 
-        self.model = PICNet(config.model).to(self.device)
+        self.dtype = torch.float64 if config.train.precision == "float64" else torch.float32
+        self.model = PICNet(config.model).to(self.device, self.dtype)
         if self.device.type == "cuda" and config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if config.train.compile else self.model
+        self.forward = parallelize(self.model, self.world, sync_bn=config.model.sync_bn)
+        if config.train.compile:
+            self.forward = torch.compile(self.forward)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
         aug = config.augment
         self.augment = PhotometricAugment(
             brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
-            jitter_p=aug.jitter_p, gray_p=aug.gray_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p)
-        self.amp = self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
+            jitter_p=aug.jitter_p, gray_p=aug.gray_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p,
+            block=(self.world.rank, self.world.size))
+        self.amp = (self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
+                    and self.dtype == torch.float32)
         # Without an accelerator the colour augmentation runs in the loader's CPU workers.
         self._augment_in_workers = self.device.type == "cpu" and config.data.workers > 0
 
         self.store_url = config.classifier.store or str(self.run_dir / "rowstore.zarr")
         self._locks = self._lock()
-        self.run_id = self._run_id()
-        resumed = self._checkpoint_to_resume(resume)
+        self.run_id = self.world.on_main(self._run_id)
+        resumed = self.world.on_main(lambda: self._checkpoint_to_resume(resume))
         cls = config.classifier
         self.classifier = build_classifier(
             self.num_instances, config.model.feature_dim, sampling=cls.sampling,
             capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
             momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
             store_url=self.store_url, seed=config.run.seed, chunk_rows=cls.chunk_rows,
-            cache_rows=window_cache_rows(self.scheduler.window, self.scheduler.stride, cls.chunk_rows),
-            device=self.device,
-            fresh=resumed is None, run_id=self.run_id, durable=config.train.durability == "power")
-        self.start_step = 0 if resumed is None else self._load(*resumed)
+            cache_rows=window_cache_rows(self.scheduler.window, self.scheduler.stride, cls.chunk_rows,
+                                         self.world.size),
+            dtype=self.dtype, device=self.device, fresh=resumed is None, run_id=self.run_id,
+            durable=config.train.durability == "power", world=self.world)
+        self.start_step = 0 if resumed is None else self._load(resumed)
         history = cls.recent_k / self.global_batch
         if cls.sampling == "recent" and history < RECENT_STEPS:
             self._say(f"note: classifier.recent_k = {cls.recent_k} holds {history:.3g} steps of negatives at "
@@ -117,11 +137,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ run identity and resume
     def _lock(self) -> list[RunLock]:
-        """One trainer per run directory, and per row store when the store lives elsewhere."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        locks = [RunLock(self.run_dir / ".lock", f"run directory {self.run_dir}")]
-        store = Path(self.store_url)
-        if "://" not in self.store_url and store.parent.resolve() != self.run_dir.resolve():
+        """One trainer per run directory, and per row store when the store lives elsewhere (rank 0
+        holds them; each rank its own per-rank store)."""
+        locks = []
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            locks.append(RunLock(self.run_dir / ".lock", f"run directory {self.run_dir}"))
+        own_store = "{rank}" in self.store_url
+        store = Path(store_url_of_rank(self.store_url, self.world.rank))
+        if ((own_store or self.world.is_main) and "://" not in self.store_url
+                and store.parent.resolve() != self.run_dir.resolve()):
             store.parent.mkdir(parents=True, exist_ok=True)
             locks.append(RunLock(store.with_name(store.name + ".lock"), f"row store {store}"))
         return locks
@@ -136,11 +161,12 @@ class Trainer:
             replace_file(path, (json.dumps({"run_id": run_id}) + "\n").encode())
             return run_id
 
-    def _checkpoint_to_resume(self, resume: str) -> Optional[tuple[Path, dict]]:
-        """The checkpoint this start continues from (None: a fresh start at step 0)."""
+    def _checkpoint_to_resume(self, resume: str) -> Optional[Path]:
+        """The checkpoint this start continues from (None: a fresh start at step 0). Rank 0 only."""
         remove_stale_temporaries(self.ckpt_dir)
+        store_exists = Path(store_url_of_rank(self.store_url, 0)).exists()
         if resume == "none":
-            if list_checkpoints(self.ckpt_dir) or Path(self.store_url).exists():
+            if list_checkpoints(self.ckpt_dir) or store_exists:
                 raise ConfigError(f"{self.run_dir} already holds a run (checkpoints or a row store); "
                                   "continue it with --resume auto, or start a new run in another "
                                   "run.output_dir")
@@ -148,7 +174,7 @@ class Trainer:
         if resume == "auto":
             found = latest_valid_checkpoint(self.ckpt_dir, log=self._say)
             if found is None:
-                if Path(self.store_url).exists():
+                if store_exists:
                     self._say(f"no valid checkpoint in {self.ckpt_dir}: starting at step 0 with fresh rows")
                 return None
             path, state = found
@@ -160,7 +186,11 @@ class Trainer:
             if moved:
                 self._say(f"moved {len(moved)} newer checkpoint(s) aside to {moved[0].parent} "
                           "(kept, and never picked by --resume auto)")
-        return path, state
+        if saved_world(state) != self.world.size and "{rank}" in self.store_url:
+            raise ConfigError(f"cannot resume {path} (saved by {saved_world(state)} processes) with "
+                              f"{self.world.size}: per-rank row stores ({self.store_url}) cannot be "
+                              "re-partitioned; resume with the same number of processes")
+        return path
 
     def _check_config(self, path: Path, state: dict) -> None:
         """Refuse a resume whose config changes the training trajectory; report harmless changes."""
@@ -176,49 +206,75 @@ class Trainer:
         if accepted:
             self._say(f"resuming with changed settings: {'; '.join(accepted)}")
 
-    def _load(self, path: Path, state: dict) -> int:
+    def _load(self, path: Path) -> int:
+        """Continue from checkpoint ``path``; one saved by another number of processes is first
+        re-partitioned onto this world and saved again at the same step."""
+        state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.classifier.load_checkpoint_state(state["classifier"])
         torch.set_rng_state(state["torch_rng"])
-        self._say(f"resumed from {path} at step {state['step']}")
-        return int(state["step"])
+        step, saved = int(state["step"]), saved_world(state)
+        if saved == self.world.size:
+            self.classifier.load_checkpoint_state(classifier_states(path, state, [self.world.rank])[0])
+        else:
+            self.classifier.load_resized(classifier_states(path, state))
+            self.save_checkpoint(step)
+            self._say(f"re-partitioned the classifier rows of {saved} processes onto {self.world.size}")
+        self.classifier.retire_other_parts()
+        self._say(f"resumed from {path} at step {step}")
+        return step
 
     def save_checkpoint(self, step: int) -> Path:
-        """Checkpoint after `step` completed steps (the row store is committed first)."""
+        """Checkpoint after `step` completed steps (the row store is committed first). In a
+        distributed run every rank writes its classifier part, then rank 0 the main file."""
+        world = self.world
+        classifier = self.classifier.checkpoint_state()
+        if world.size > 1:
+            save_checkpoint(self.ckpt_dir, step, classifier, part=(world.rank, world.size))
+            world.barrier()
+            classifier = {"parts": world.size}
         state = {
             "config": self.config.to_yaml(),
             "run_id": self.run_id,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "classifier": self.classifier.checkpoint_state(),
+            "classifier": classifier,
             "torch_rng": torch.get_rng_state(),
             "total_steps": self.total_steps,
             "num_instances": self.num_instances,
         }
-        path = save_checkpoint(self.ckpt_dir, step, state)
-        oldest_kept = prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)[0]
+
+        def write_main() -> tuple[Path, Path]:
+            path = save_checkpoint(self.ckpt_dir, step, state)
+            return path, prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)[0]
+
+        path, oldest_kept = world.on_main(write_main)
         try:
-            self.classifier.forget_before(load_checkpoint(oldest_kept, mmap=True)["classifier"])
-        except ValueError as err:  # unreadable: keep every undo log rather than lose a resume point
+            oldest = load_checkpoint(oldest_kept, mmap=True)
+            self.classifier.forget_before(classifier_states(oldest_kept, oldest, [world.rank])[0])
+        except (ValueError, IndexError) as err:  # unreadable: keep every undo log, lose no resume point
             self._say(f"not pruning row-store history: {err}")
         return path
 
     def close(self) -> None:
-        """Release the row store (nothing to write: the last checkpoint committed it) and the locks."""
+        """Release the row store (nothing to write: the last checkpoint committed it), the locks and
+        the process group."""
         self.classifier.close(flush=False)
         for lock in self._locks:
             lock.release()
+        close_world(self.world)
 
     # ------------------------------------------------------------------ the step
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(step, self.total_steps, self.peak_lr, self.warmup_steps)
 
-    def train_step(self, step: int, images: torch.Tensor, ids, extra_crops=()) -> dict[str, float]:
+    def train_step(self, step: int, images: torch.Tensor, ids, extra_crops=()) -> dict[str, Any]:
         """One PIC step on a uint8 batch: augment → network → cosine logits over recent rows → SGD.
 
         ``extra_crops`` (multi-crop views, aligned with ``images``) go through the same network;
         every view's loss is over the rows admitted once for ``ids`` (:mod:`picstream.multicrop`).
+        In a distributed run the batch is this rank's block and the loss the global batch's. The
+        loss comes back as a device tensor (reading it would wait for the device).
         """
         lr = self.lr_at(step)
         views = [self._view_input(step, view, x) for view, x in enumerate((images, *extra_crops))]
@@ -226,17 +282,15 @@ class Trainer:
                     else contextlib.nullcontext())
         with autocast:
             zs = [self.forward(x) for x in views]
-        loss = multi_view_loss(self.classifier, [z.float() for z in zs], ids,
+        loss = multi_view_loss(self.classifier, [z.to(self.dtype) for z in zs], ids,
                                self.config.classifier.multi_crop_rows)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.classifier.step(lr)
-        return {"loss": loss.item(), "lr": lr}
+        return {"loss": loss.detach(), "lr": lr}
 
     def _view_input(self, step: int, view: int, images: torch.Tensor) -> torch.Tensor:
         """One view on the device; uint8 is colour-augmented here (else the loader did it), seeded
@@ -245,6 +299,7 @@ class Trainer:
         if not x.is_floating_point():
             seed = step_seed(self.config.run.seed, step, view)
             x = self.augment(x, torch.Generator(device=self.device).manual_seed(seed))
+        x = x.to(self.dtype)
         if self.device.type == "cuda" and self.config.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -260,7 +315,7 @@ class Trainer:
             return {"step": self.start_step}
         loader = self.make_loader()
         metrics = MetricsLogger(self.run_dir, self.start_step, self.total_steps,
-                                show_progress=self.show_progress)
+                                show_progress=self.show_progress, enabled=self.world.is_main)
         last: dict[str, Any] = {}
         skip_reasons: Counter[str] = Counter()
         retries: Counter[str] = Counter()   # remote read retries, loader workers and this process
@@ -273,6 +328,9 @@ class Trainer:
                 self.prefetch_rows(step)
                 result = self.train_step(step, batch.images, batch.ids, batch.extra_crops)
                 done = step + 1
+                checkpoint = done % config.train.checkpoint_every == 0 or done == self.total_steps
+                if checkpoint or done % config.train.log_every == 0:
+                    result["loss"] = finite_loss(result["loss"], step)
                 if done % config.train.log_every == 0 or done == self.total_steps:
                     last = metrics.log(step, {
                         **result,
@@ -285,8 +343,8 @@ class Trainer:
                         "retries_by_read": dict(retries),
                     }, images_per_step=self.global_batch)
                 if config.monitor.every_steps and done % config.monitor.every_steps == 0:
-                    metrics.event(step, {"knn_top1": self.knn_monitor()["top1"]})
-                if done % config.train.checkpoint_every == 0 or done == self.total_steps:
+                    metrics.event(step, {"knn_top1": self.world.on_main(self.knn_monitor)["top1"]})
+                if checkpoint:
                     self.save_checkpoint(done)
         finally:
             loader.close()
@@ -298,7 +356,8 @@ class Trainer:
         .beton (`train_data`); colour augmentation in the loader's workers when there is no accelerator."""
         config = self.config
         return train_loader(
-            self.shards, self.scheduler, config.optim.batch_size, image_size=config.data.image_size,
+            self.shards, self.scheduler, self.global_batch // self.world.size,
+            rank=self.world.rank, world_size=self.world.size, image_size=config.data.image_size,
             crop_scale=tuple(config.data.crop_scale), multi_crop=loader_crops(config.data.multi_crop),
             workers=config.data.workers,
             start_step=self.start_step, num_steps=self.total_steps - self.start_step,
@@ -336,6 +395,15 @@ class Trainer:
 
 
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
+
+def finite_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a number (waits for the device); a non-finite one stops the run before it is
+    logged or checkpointed."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step}")
+    return value
 
 
 def load_resume_checkpoint(resume: str, mmap: bool = False) -> dict:
@@ -377,7 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         finally:
             trainer.close()
     except (ConfigError, ShardsError, StoreError) as err:
-        print(f"picstream-train: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not isinstance(err, ConfigError):  # one line per job
+            print(f"picstream-train: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
@@ -386,7 +455,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "fix the device), then rerun the same command: it resumes from the last checkpoint",
               file=sys.stderr)
         return 1
-    print(f"picstream-train: done: {result}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"picstream-train: done: {result}")
     return 0
 
 

@@ -3,7 +3,7 @@
     python tests/crash_runner.py ACTION SPEC LOG -- [picstream-train arguments]
 
 ACTION: `kill` (SIGKILL there), `enospc` (raise ENOSPC there), `pause` (create LOG.reached, then wait
-until LOG.go exists) or `count` (act nowhere). Every point passed is appended to LOG as `kind path`.
+until LOG.go exists) or `count` (act nowhere); `ACTION@R` acts only in rank R of a torchrun job. Every point passed is appended to LOG as `kind path`.
 SPEC: `N` (the N-th point of this process) or `KIND:GLOB:K[:+OFFSET]` (the K-th point of that kind
 whose path matches GLOB, or OFFSET points after it).
 """
@@ -56,6 +56,9 @@ class Hook:
 
 if __name__ == "__main__":
     action, spec, log, sep, *train_args = sys.argv[1:]
+    action, _, rank = action.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
+        action = "count"
     assert sep == "--" and action in ("kill", "enospc", "pause", "count")
     iopoints.set_hook(Hook(action, spec, Path(log)))
     sys.exit(main(train_args))

@@ -140,7 +140,7 @@ class PhotometricAugment:
 
     def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_p=0.8,
                  gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), blur_kernel: int | None = None,
-                 solarize_p=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 solarize_p=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, block=(0, 1)):
         inf = float("inf")
         self.ranges = (_range(brightness, 1.0, "brightness", (0.0, inf)),
                        _range(contrast, 1.0, "contrast", (0.0, inf)),
@@ -150,10 +150,14 @@ class PhotometricAugment:
         self.blur_sigma = tuple(blur_sigma)
         self.blur_kernel = blur_kernel
         self.mean, self.std = tuple(mean), tuple(std)
+        self.block = tuple(block)  # (rank, world): a batch is that block of a world × larger one
 
     def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Draw every sample's parameters (13 uniforms per sample, on the generator's device)."""
-        u = torch.rand(batch, 13, generator=generator, device=generator.device, dtype=torch.float64)
+        """Draw every sample's parameters (13 uniforms per sample, on the generator's device); in
+        block ``(r, R)``, rows ``r·batch …`` of the draw for the ``R·batch`` global batch."""
+        rank, world = self.block
+        u = torch.rand(batch * world, 13, generator=generator, device=generator.device,
+                       dtype=torch.float64)[rank * batch:(rank + 1) * batch]
         lo = torch.tensor([r[0] for r in self.ranges], dtype=u.dtype, device=u.device)
         hi = torch.tensor([r[1] for r in self.ranges], dtype=u.dtype, device=u.device)
         sig_lo, sig_hi = self.blur_sigma

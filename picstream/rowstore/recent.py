@@ -11,12 +11,18 @@ from .transitions import TransitionLog
 
 
 class RecentRows:
-    """A K-slot table of rows on ``device``; the row store holds every other row.
+    """The K most recently visited rows: a K-slot table of IDs, and the rows of the slots this
+    process owns on ``device``; the row store holds every other row.
 
     ``admit(ids)`` makes a batch's rows resident: rows already resident are reused, missing ones are
     read from the store, brought forward to the current step by the transition log and placed into the
     slots of the least recently visited rows outside the batch, which are written back to the store.
     A resident row is authoritative: the store's copy of it is stale until it is evicted.
+
+    Each rank of a distributed run keeps the same slot table (a function of the global ID stream)
+    but holds and updates only the rows of its part of the store (``store.owner``), in a device table
+    of its own: ``row_of_slot`` maps a slot to its row there (−1 where another rank holds it). That
+    table has about K / world rows, and grows in the rare step that needs more.
     """
 
     def __init__(self, store: RowStore, log: TransitionLog, capacity: int, device="cpu",
@@ -27,18 +33,28 @@ class RecentRows:
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         if self._np_dtype != store.dtype:
             raise ValueError(f"device dtype {dtype} differs from the store's {store.dtype}")
-        k, d = self.capacity, store.dim
-        self.weight = torch.zeros(k, d, dtype=dtype, device=self.device)
-        self.momentum = torch.zeros(k, d, dtype=dtype, device=self.device)
-        self.valid = torch.zeros(k, dtype=torch.bool, device=self.device)
+        k = self.capacity
         self.slot_ids = np.full(k, -1, dtype=np.int64)
         self.last_visit = np.full(k, -1, dtype=np.int64)
+        self.row_of_slot = np.full(k, -1, dtype=np.int64)
         self._slot_of: dict[int, int] = {}
         self._clock = 0
+        self._allocate(k if store.world == 1 else min(k, -(-k * 5 // (4 * store.world))))
         # how many rows the store holds with each last_step > 0 (steps with none are dropped): the
         # oldest one bounds the log
         self._stored_at: Counter[int] = Counter()
         self.compact_min_steps = int(compact_min_steps)
+
+    def _allocate(self, rows: int) -> None:
+        """A device table of ``rows`` rows that holds the rows of the current one (if any)."""
+        d = self.store.dim
+        table = (torch.zeros(rows, d, dtype=self.dtype, device=self.device),
+                 torch.zeros(rows, d, dtype=self.dtype, device=self.device),
+                 torch.zeros(rows, dtype=torch.bool, device=self.device), np.full(rows, -1, np.int64))
+        if hasattr(self, "weight"):
+            for new, old in zip(table, (self.weight, self.momentum, self.valid, self.slot_of_row)):
+                new[:len(old)] = old
+        self.weight, self.momentum, self.valid, self.slot_of_row = table
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -48,7 +64,8 @@ class RecentRows:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.momentum, self.valid))
 
     def admit(self, ids) -> torch.Tensor:
-        """Device slots (LongTensor) of ``ids``, fetching and evicting rows as needed."""
+        """The device-table rows (LongTensor) of ``ids``, −1 for rows another rank holds; fetches and
+        evicts rows as needed."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         uniq, inverse = np.unique(ids, return_inverse=True)
         if uniq.size > self.capacity:
@@ -62,7 +79,7 @@ class RecentRows:
         np.maximum.at(last_pos, inverse.reshape(-1), np.arange(ids.size))
         self.last_visit[slots] = self._clock + last_pos
         self._clock += ids.size
-        return torch.from_numpy(slots[inverse.reshape(-1)]).to(self.device)
+        return torch.from_numpy(self.row_of_slot[slots[inverse.reshape(-1)]]).to(self.device)
 
     def _fill(self, new_ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Place ``new_ids`` into the least recently visited slots not in ``keep``; returns the slots."""
@@ -70,16 +87,28 @@ class RecentRows:
         priority[keep] = np.iinfo(np.int64).max
         n = new_ids.size
         free = np.argpartition(priority, n - 1)[:n] if n < self.capacity else np.arange(n)
-        old = self.slot_ids[free]
-        evict = old >= 0
+        old, rows = self.slot_ids[free], self.row_of_slot[free]
+        for i in old[old >= 0].tolist():
+            del self._slot_of[i]
+        evict = rows >= 0
         if evict.any():
-            idx = torch.from_numpy(free[evict]).to(self.device)
+            idx = torch.from_numpy(rows[evict]).to(self.device)
             w = self.weight.index_select(0, idx).cpu().numpy()
             u = self.momentum.index_select(0, idx).cpu().numpy()
             self._stored(old[evict], w, u)
-            for i in old[evict].tolist():
-                del self._slot_of[i]
-        w, u, last = self.store.read(new_ids)
+            self.valid.index_fill_(0, idx, False)
+            self.slot_of_row[rows[evict]] = -1
+        self.row_of_slot[free] = -1
+        self.slot_ids[free] = new_ids
+        self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
+        mine = self.store.owner(new_ids) == self.store.rank
+        if mine.any():
+            self._load(new_ids[mine], free[mine])
+        return free
+
+    def _load(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Read rows from the store, bring them to the current step and put them on the device."""
+        w, u, last = self.store.read(ids)
         steps, counts = np.unique(last[last > 0], return_counts=True)
         for step, n in zip(steps.tolist(), counts.tolist()):  # these copies are stale from now on
             left = self._stored_at[step] - n
@@ -88,13 +117,17 @@ class RecentRows:
             else:
                 self._stored_at.pop(step, None)
         w, u = self.log.advance(w, u, last, self.correction)
-        idx = torch.from_numpy(free).to(self.device)
+        free_rows = np.flatnonzero(self.slot_of_row < 0)
+        if free_rows.size < ids.size:
+            self._allocate(min(self.capacity, max(2 * len(self.slot_of_row), len(self) + ids.size)))
+            free_rows = np.flatnonzero(self.slot_of_row < 0)
+        rows = free_rows[:ids.size]
+        idx = torch.from_numpy(rows).to(self.device)
         self.weight.index_copy_(0, idx, torch.from_numpy(w).to(self.device, non_blocking=True))
         self.momentum.index_copy_(0, idx, torch.from_numpy(u).to(self.device, non_blocking=True))
         self.valid.index_fill_(0, idx, True)
-        self.slot_ids[free] = new_ids
-        self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
-        return free
+        self.slot_of_row[rows] = slots
+        self.row_of_slot[slots] = rows
 
     @torch.no_grad()
     def sgd_step(self, grad: torch.Tensor | None, lr: float) -> None:
@@ -121,35 +154,66 @@ class RecentRows:
             self.log.compact(oldest)
 
     def peek(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """Current ``(w, u)`` of any rows, without changing residency or the store."""
+        """Current ``(w, u)`` of rows this process holds or the store has (not of rows resident on
+        another rank), without changing residency or the store."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         slots = np.fromiter((self._slot_of.get(i, -1) for i in ids.tolist()), np.int64, ids.size)
-        res = slots >= 0
+        rows = np.where(slots >= 0, self.row_of_slot[slots], -1)
+        if np.any((slots >= 0) & (rows < 0)):
+            raise ValueError("peek: some rows are resident on another rank")
+        res = rows >= 0
         w, u, last = self.store.read(ids)
         w[~res], u[~res] = self.log.advance(w[~res], u[~res], last[~res], self.correction)
-        idx = torch.from_numpy(slots[res]).to(self.device)
+        idx = torch.from_numpy(rows[res]).to(self.device)
         w[res] = self.weight.index_select(0, idx).cpu().numpy()
         u[res] = self.momentum.index_select(0, idx).cpu().numpy()
         return w, u
 
     def write_back_all(self) -> None:
-        """Write every resident row to the store and empty the table."""
-        occupied = np.flatnonzero(self.slot_ids >= 0)
-        if occupied.size:
-            idx = torch.from_numpy(occupied).to(self.device)
-            self._stored(self.slot_ids[occupied], self.weight[idx].cpu().numpy(),
+        """Write every row this process holds to the store and empty the table."""
+        held = np.flatnonzero(self.slot_of_row >= 0)
+        if held.size:
+            idx = torch.from_numpy(held).to(self.device)
+            self._stored(self.slot_ids[self.slot_of_row[held]], self.weight[idx].cpu().numpy(),
                          self.momentum[idx].cpu().numpy())
-        self.weight.zero_()
-        self.momentum.zero_()
-        self.valid.zero_()
-        self.slot_ids[:] = -1
-        self.last_visit[:] = -1
+        for table in (self.weight, self.momentum, self.valid):
+            table.zero_()
+        for table in (self.slot_ids, self.last_visit, self.row_of_slot, self.slot_of_row):
+            table[:] = -1
         self._slot_of.clear()
 
+    def load_parts(self, states: list[dict]) -> None:
+        """Take over this process's rows from the states of a run with ``len(states)`` ranks (or 1):
+        the same slot table, its rows re-partitioned by this store part's ownership."""
+        first = states[0]
+        slot_ids = first["slot_ids"].numpy().astype(np.int64)
+        held = slot_ids >= 0
+        mine = np.flatnonzero(held & (self.store.owner(np.where(held, slot_ids, 0)) == self.store.rank))
+        rows = max(mine.size, len(self.slot_of_row))
+        w = torch.zeros(rows, self.store.dim, dtype=self.dtype)
+        u = torch.zeros_like(w)
+        for state in states:
+            at = state.get("row_of_slot", torch.from_numpy(np.where(held, np.arange(held.size), -1)))
+            at = at.numpy()[mine]
+            have = np.flatnonzero(at >= 0)
+            w[have], u[have] = state["weight"][at[have]], state["momentum"][at[have]]
+        row_of_slot = np.full(self.capacity, -1, np.int64)
+        row_of_slot[mine] = np.arange(mine.size)
+        empty = torch.zeros(0, dtype=torch.int64)
+        self.load_state_dict({**first, "row_of_slot": torch.from_numpy(row_of_slot), "weight": w,
+                              "momentum": u, "stored_steps": empty, "stored_counts": empty})
+        # the rows this part now stores, except the resident ones (their stored copies are stale)
+        counts = self.store.stored_step_counts()
+        last = self.store.read(slot_ids[mine])[2]
+        counts.subtract(Counter(last[last > 0].tolist()))
+        self._stored_at = Counter({s: n for s, n in counts.items() if n > 0})
+
     def state_dict(self) -> dict:
+        """The slot table (the same on every rank) and this process's rows and stored-step counts."""
         live = sorted(self._stored_at)
         return {"slot_ids": torch.from_numpy(self.slot_ids.copy()),
                 "last_visit": torch.from_numpy(self.last_visit.copy()),
+                "row_of_slot": torch.from_numpy(self.row_of_slot.copy()),
                 "weight": self.weight.cpu(), "momentum": self.momentum.cpu(), "clock": self._clock,
                 "stored_steps": torch.tensor(live, dtype=torch.int64),
                 "stored_counts": torch.tensor([self._stored_at[s] for s in live], dtype=torch.int64)}
@@ -157,9 +221,17 @@ class RecentRows:
     def load_state_dict(self, state: dict) -> None:
         self.slot_ids = state["slot_ids"].numpy().astype(np.int64).copy()
         self.last_visit = state["last_visit"].numpy().astype(np.int64).copy()
+        if "row_of_slot" in state:
+            self.row_of_slot = state["row_of_slot"].numpy().astype(np.int64).copy()
+        else:  # a 1-process checkpoint of format 1: row = slot
+            self.row_of_slot = np.where(self.slot_ids >= 0, np.arange(self.capacity), -1)
+        del self.weight
+        self._allocate(state["weight"].shape[0])
         self.weight.copy_(state["weight"])
         self.momentum.copy_(state["momentum"])
-        self.valid.copy_(torch.from_numpy(self.slot_ids >= 0))
+        held = np.flatnonzero(self.row_of_slot >= 0)
+        self.slot_of_row[self.row_of_slot[held]] = held
+        self.valid.copy_(torch.from_numpy(self.slot_of_row >= 0))
         self._clock = int(state["clock"])
         self._stored_at = Counter(dict(zip(state["stored_steps"].tolist(), state["stored_counts"].tolist())))
         occupied = np.flatnonzero(self.slot_ids >= 0)

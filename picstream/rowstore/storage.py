@@ -135,7 +135,12 @@ class LocalFiles(StoreKeys):
             folder = os.path.dirname(folder)
         for path in reversed(missing):
             with about(path, "mkdir"):
-                os.mkdir(path)
+                try:
+                    os.mkdir(path)
+                except FileExistsError:  # another rank's part of a shared store made it meanwhile
+                    if not os.path.isdir(path):
+                        raise
+                    continue
                 if self.durable:
                     fsync_path(os.path.dirname(path))
 

@@ -9,6 +9,13 @@ Layout of a store (a zarr v3 group at any local path or fsspec URL)::
     undo/<g>/begun                   generation g exists (written before the head names it)
     undo/<g>/<c>.{weight,momentum,last_step}   pre-images of chunk c, first written in generation g
     undo/<g>/<c>.saved               chunk c's pre-images are complete (written after them)
+    parts/<R>/<r>/{rowstore.json,undo/}   the same, of rank r's part in an R-rank run (below)
+
+A run of R > 1 ranks opens the store as R parts: rank r owns the chunks c ≡ r (mod R), writes only
+those, and keeps its own head (generation) and undo logs under ``parts/<R>/<r>/``; the top-level head
+(identity, and the generations of the 1-rank part) is shared. Parts of one R change disjoint chunks,
+so each restores on its own. Parts of another R are retired (their history dropped, their
+generation moved past every checkpoint's) before a run of this R writes a chunk.
 
 Untouched chunks are never stored, so an N = 1e9 store costs nothing until rows are written. Chunks move
 whole, as the zarr store's raw chunk objects (uncompressed little-endian bytes, edge chunks padded with
@@ -29,7 +36,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -86,10 +93,12 @@ def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dt
                            compressors=None, config=_ARRAY_CONFIG)
 
 
-def window_cache_rows(window: int, stride: int, chunk_rows: int) -> int:
+def window_cache_rows(window: int, stride: int, chunk_rows: int, world: int = 1) -> int:
     """The host cache a sliding window needs, in whole chunks: a window (and the next stride) that
-    does not start on a chunk boundary spans one chunk more than its rows fill."""
-    return (-(-window // chunk_rows) + -(-stride // chunk_rows) + 2) * chunk_rows
+    does not start on a chunk boundary spans one chunk more than its rows fill; a rank of ``world``
+    holds every world-th of those chunks."""
+    chunks = -(-window // chunk_rows) + -(-stride // chunk_rows) + 2
+    return -(-chunks // world) * chunk_rows
 
 
 def _remove_leftovers(path: str) -> None:
@@ -108,14 +117,23 @@ class RowStore:
     survive a power loss (fsync of chunks, flags, head and folders), not only a killed process.
     """
 
-    def __init__(self, root: zarr.Group, cache_rows: int | None = None, durable: bool = False):
+    def __init__(self, root: zarr.Group, cache_rows: int | None = None, durable: bool = False,
+                 part: tuple[int, int] = (0, 1)):
         attrs = root.attrs
         if attrs.get("format") != FORMAT:
             raise StoreError(f"{root.store} is not a picstream row store (format {FORMAT})")
         self._root = root
         self._io = _io_for(root, durable)
-        head = self._read_head()
-        self.store_id, self.run_id = head["store_id"], head.get("run_id")
+        self.rank, self.world = part
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"part {part}: need 0 <= rank < world")
+        self._prefix = "" if self.world == 1 else f"parts/{self.world}/{self.rank}/"
+        identity = self._read_head(HEAD)
+        self.store_id, self.run_id = identity["store_id"], identity.get("run_id")
+        if self._io.get(self._prefix + HEAD) is None and self.world > 1:  # a part's first open
+            self._io.put(self._undo(0) + "begun", b"")
+            self._write_head(0, 1)
+        head = self._read_head(self._prefix + HEAD)
         self.generation, self._next = int(head["generation"]), int(head["next_generation"])
         self.num_rows = int(attrs["num_rows"])
         self.dim = int(attrs["dim"])
@@ -199,13 +217,14 @@ class RowStore:
 
     @classmethod
     def open(cls, url, *, cache_rows: int | None = None, storage_options: dict | None = None,
-             durable: bool = False) -> "RowStore":
-        """Open a store, first finishing any restore, commit or prune a killed process left half done."""
+             durable: bool = False, part: tuple[int, int] = (0, 1)) -> "RowStore":
+        """Open a store (rank ``part[0]``'s part of it in a ``part[1]``-rank run), first finishing any
+        restore, commit or prune a killed process left half done."""
         try:
             root = _open_group(url, "r+", storage_options)
         except FileNotFoundError:
             raise StoreNotFound(f"no row store at {url}") from None
-        return cls(root, cache_rows, durable)
+        return cls(root, cache_rows, durable, part)
 
     @classmethod
     def destroy(cls, url, storage_options: dict | None = None) -> None:
@@ -239,29 +258,28 @@ class RowStore:
     def durable(self, value: bool) -> None:
         self._io.durable = bool(value)
 
-    def _read_head(self) -> dict:
-        raw = self._io.get(HEAD)
+    def _read_head(self, key: str) -> dict:
+        raw = self._io.get(key)
         if raw is None:
-            raise StoreError(f"row store {self._root.store} has no {HEAD} (an interrupted creation)")
+            raise StoreError(f"row store {self._root.store} has no {key} (an interrupted creation)")
         head = json.loads(raw)
         if head.get("format") != FORMAT:
-            raise StoreError(f"row store {self._root.store}: {HEAD} is not of format {FORMAT}")
+            raise StoreError(f"row store {self._root.store}: {key} is not of format {FORMAT}")
         return head
 
     def _write_head(self, generation: int, next_generation: int, restoring: int | None = None) -> None:
-        """Switch the store's state: one atomic replacement of the head."""
-        self._io.put(HEAD, json.dumps({
+        """Switch the part's state: one atomic replacement of its head."""
+        self._io.put(self._prefix + HEAD, json.dumps({
             "format": FORMAT, "store_id": self.store_id, "run_id": self.run_id, "generation": generation,
             "next_generation": next_generation, "restoring": restoring}).encode())
 
     def generations(self) -> list[int]:
         """The generations the store can be restored to (their undo logs exist), oldest first."""
-        return sorted(int(n) for n in self._io.names("undo/")
-                      if n.isdigit() and self._io.exists(f"undo/{n}/begun"))
+        return sorted(int(n) for n in self._io.names(self._prefix + "undo/")
+                      if n.isdigit() and self._io.exists(self._undo(n) + "begun"))
 
-    @staticmethod
-    def _undo(g: int) -> str:
-        return f"undo/{g}/"
+    def _undo(self, g) -> str:
+        return f"{self._prefix}undo/{g}/"
 
     def _saved_chunks(self, g: int) -> set[int]:
         """The chunks whose pre-images generation ``g`` holds (those with a ``saved`` flag)."""
@@ -275,11 +293,11 @@ class RowStore:
         """Finish what a killed process left half done: a restore, a commit or a prune."""
         if head.get("restoring") is not None:
             self._finish_restore(int(head["restoring"]))
-        for name in self._io.names("undo/"):
+        for name in self._io.names(self._prefix + "undo/"):
             if not (name.isdigit() and int(name) <= self.generation
-                    and self._io.exists(f"undo/{name}/begun")):
-                self._io.remove_folder(f"undo/{name}/", first=("begun",))
-        self._io.delete(HEAD + ".tmp")
+                    and self._io.exists(self._undo(name) + "begun")):
+                self._io.remove_folder(self._undo(name), first=("begun",))
+        self._io.delete(self._prefix + HEAD + ".tmp")
 
     # ---------------------------------------------------------------- chunk I/O
     def _key(self, name: str, c: int) -> str:
@@ -390,6 +408,8 @@ class RowStore:
     def write(self, ids, w: np.ndarray, u: np.ndarray, last_step) -> None:
         """Store rows ``ids`` (distinct) as ``(w, u)`` valid at step ``last_step``."""
         ids = self._check_ids(ids)
+        if self.world > 1 and np.any((ids // self.chunk_rows) % self.world != self.rank):
+            raise ValueError(f"rank {self.rank} of {self.world} may write only its own chunks")
         last_step = np.broadcast_to(np.asarray(last_step, dtype=np.int64), ids.shape)
         with self._cond:
             for pos, rows in self._resident(ids):
@@ -398,9 +418,10 @@ class RowStore:
                 self._dirty[rows // self.chunk_rows] = True
 
     def prefetch(self, start: int, stop: int) -> None:
-        """Load the chunks of rows ``[start, stop)`` (taken mod N) in a background thread."""
+        """Load this part's chunks of rows ``[start, stop)`` (taken mod N) in a background thread."""
         rows = np.arange(start, stop, dtype=np.int64) % self.num_rows
         chunks = np.unique(rows // self.chunk_rows)
+        chunks = chunks[chunks % self.world == self.rank]
         if self._executor is None:  # created lazily: the process may fork loader workers first
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rowstore")
         for c in chunks[: len(self._dirty)].tolist():
@@ -486,6 +507,40 @@ class RowStore:
         self._write_head(generation, self._next)
         self.generation, self._saved = generation, set()
 
+    def retire(self) -> None:
+        """Drop this part's whole history and move its generation past every one a checkpoint holds
+        (the chunks stay as they are: another partition of the store takes them over)."""
+        self._drain()
+        with self._cond:
+            self.flush()
+            new = self._next
+            self._io.put(self._undo(new) + "begun", b"")
+            self._write_head(new, new + 1)
+            self.generation, self._next, self._saved = new, new + 1, set()
+            for g in self.generations():
+                if g < new:
+                    self._drop(g)
+
+    def stored_step_counts(self) -> "Counter[int]":
+        """How many of this part's rows the store holds at each last step > 0 (from the chunks'
+        ``last_step`` objects: N / world int64 read, once, when a run changes its world size)."""
+        self.flush()
+        counts: Counter[int] = Counter()
+        buf = np.empty(self.chunk_rows, np.int64)
+        for c in self.owned_chunks(self.rank, self.world).tolist():
+            if self._io.read_into(self._key("last_step", c), buf):
+                steps, n = np.unique(buf[buf > 0], return_counts=True)
+                counts.update(dict(zip(steps.tolist(), n.tolist())))
+        return counts
+
+    def other_parts(self) -> list[tuple[int, int]]:
+        """The ``(rank, world)`` parts of the store that belong to another world size than this one."""
+        found = [] if self.world == 1 else [(0, 1)]
+        for world in self._io.names("parts/"):
+            if world.isdigit() and int(world) != self.world:
+                found += [(int(r), int(world)) for r in self._io.names(f"parts/{world}/") if r.isdigit()]
+        return sorted(found)
+
     def prune(self, keep_from: int) -> None:
         """Delete the undo logs of generations older than ``keep_from`` (no restore before it)."""
         with self._cond:
@@ -504,6 +559,6 @@ class RowStore:
         """The chunks a rank owns in a model-parallel layout (chunk ``c`` belongs to ``c % world``)."""
         return np.arange(rank, self.num_chunks, world_size)
 
-    def owner(self, ids, world_size: int) -> np.ndarray:
-        """The rank that owns each row id."""
-        return (self._check_ids(ids) // self.chunk_rows) % world_size
+    def owner(self, ids, world_size: int | None = None) -> np.ndarray:
+        """The rank that owns each row id (in this part's world by default)."""
+        return (self._check_ids(ids) // self.chunk_rows) % (world_size or self.world)
