@@ -7,7 +7,11 @@ sharded softmax), backward (DDP gradient all-reduce and the feature-gradient red
 the updates. The collectives of one step are then timed alone with the same sizes. Reported per
 rank: classifier device memory and bytes sent through collectives per step.
 
-Usage: python benchmarks/distributed.py [--quick]
+``--learning`` instead pre-trains the CIFAR-10 subset of the learning test (the `cpu` scale of
+`tools/reproduce.py`: 250 images × 100 epochs, BatchNorm per process) with 1 and with 2 processes
+and compares their k-NN top-1 (~10 min on 2 cores).
+
+Usage: python benchmarks/distributed.py [--quick] [--learning [--data DIR_OR_ARCHIVE]]
 """
 from __future__ import annotations
 
@@ -97,8 +101,7 @@ def worker(args) -> None:
 
 def launch(world: int, args) -> dict:
     run_dir = tempfile.mkdtemp(prefix="picstream-dist-bench-")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-           __file__, "--worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
+    cmd = [*torchrun(world), __file__, "--worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch", str(args.batch), "--k", str(args.k), "--rows", str(args.rows), "--run-dir", run_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
@@ -110,11 +113,47 @@ def launch(world: int, args) -> dict:
     return json.loads(lines[0][len("REPORT "):])
 
 
+def torchrun(procs: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+
+
+def learning(args) -> None:
+    """k-NN top-1 after the same pre-training with 1 and 2 processes (per-process BatchNorm)."""
+    from picstream.reproduce.grids import SCALES
+    from picstream.reproduce.runner import base_config, prepare_cifar10
+
+    scale = SCALES["cpu"]
+    work = Path(tempfile.mkdtemp(prefix="picstream-dist-learning-"))
+    data = prepare_cifar10(args.data, work, scale)
+    top1 = {}
+    for procs in (1, 2):
+        run_dir = work / f"p{procs}"
+        started = time.perf_counter()
+        subprocess.run([*torchrun(procs), "-m", "picstream.train", "--config", str(base_config(scale, work)),
+                        f"run.output_dir={run_dir}", f"data.train={data.pretrain}"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last = sorted((run_dir / "checkpoints").glob("ckpt-*[0-9].pt"))[-1]
+        out = run_dir / "knn.json"
+        subprocess.run([sys.executable, "-m", "picstream.evaluate", "knn", "--checkpoint", str(last),
+                        "--train", str(data.bank), "--val", str(data.test), "--workers", "0", "-o", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        top1[procs] = json.loads(out.read_text())["top1"]
+        print(f"| {procs} | {top1[procs]:.1f} | {(time.perf_counter() - started) / 60:.1f} |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"RESULT: k-NN top-1 with 2 processes {top1[2]:.1f} vs 1 process {top1[1]:.1f} "
+          f"({top1[2] - top1[1]:+.1f} points)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--learning", action="store_true", help="k-NN after 1- and 2-process pre-training")
+    parser.add_argument("--data", type=Path, help="CIFAR-10 folder or archive (default: the shared data)",
+                        default=Path(os.environ.get("PICSTREAM_SHARED_DATA",
+                                                    Path(__file__).parents[2] / "shared" / "data"))
+                        / "cifar10-jpeg.tar.gz")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
@@ -123,6 +162,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.learning:
+        print("| processes | k-NN top-1 | minutes |\n|---|---|---|")
+        return learning(args)
     if args.quick:
         args.steps, args.warmup, args.batch, args.k, args.rows = 4, 2, 32, 2048, 1 << 16
     runs = [launch(world, args) for world in (1, 2)]

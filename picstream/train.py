@@ -77,6 +77,9 @@ class Trainer:
         if config.optim.batch_size % self.world.size:
             raise ConfigError(f"optim.batch_size = {config.optim.batch_size} (the global batch) must be "
                               f"divisible by the number of processes, {self.world.size}")
+        if config.model.sync_bn and self.world.size > 1 and self.device.type != "cuda":
+            raise ConfigError("model.sync_bn needs CUDA devices (SyncBatchNorm); on CPU use per-process "
+                              "BatchNorm (model.sync_bn=false) or model.norm=group")
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # leave the loader workers their cores: oversubscribed OpenMP threads spin and crawl
             per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -168,3 +168,13 @@ def test_global_batch_must_divide_by_the_processes(shapes_shards, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("picstream-train: error")]
     assert errors == ["picstream-train: error: optim.batch_size = 33 (the global batch) must be divisible "
                       "by the number of processes, 2"]
+
+
+def test_benchmark_quick_mode_runs():
+    """benchmarks/distributed.py --quick: both world sizes run and the table and RESULT line print."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--quick"],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2
+    assert result.stdout.splitlines()[-1].startswith("RESULT: 2 processes / 1: step time")
