@@ -1,12 +1,14 @@
 """make_shards + ShardSet on a CIFAR-10 subset: round trip, IDs, labels, determinism, resume, CLI errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from picstream.shards import ShardSet, make_shards
+from picstream.shards.plan import ExternalSort, sort_key
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "cat")
@@ -237,15 +240,26 @@ def test_output_inside_source_and_rerun(corpus, tmp_path):
     assert ShardSet.open(tmp_path / "shards" / "manifest.json").verify() == []
 
 
+def _order(names, seed, run=7, fan_in=3):
+    """The plan's permutation of `names` (spilled in runs of `run`, merged `fan_in` at a time)."""
+    key = str(seed).encode()
+    with tempfile.TemporaryDirectory() as d:
+        ext = ExternalSort(d, run=run, fan_in=fan_in)
+        for i, n in enumerate(names):
+            ext.add(sort_key(n, key, i), i)
+        return list(ext)
+
+
 def test_permutation():
-    from picstream.shards.build import permutation
     names = [f"c{i % 3}/{i:05d}.jpg" for i in range(3000)]
-    p = permutation(names, 0)
-    assert sorted(p.tolist()) == list(range(3000)) and p.tolist() == permutation(names, 0).tolist()
-    assert p.tolist() != permutation(names, 1).tolist()
-    grown = permutation(names + ["new.jpg"], 0).tolist()  # adding an input keeps the others' order
-    assert [i for i in grown if i != 3000] == p.tolist()
-    assert permutation(["a", "a", "a"], 3).tolist() == [0, 1, 2]  # ties by listing position
+    digests = [hashlib.blake2b(n.encode(), digest_size=8, key=b"0").digest() for n in names]
+    oracle = np.argsort(np.frombuffer(b"".join(digests), dtype=">u8"), kind="stable").tolist()
+    p = _order(names, 0)
+    assert p == oracle == _order(names, 0, run=10**6)  # spilled + multi-level merge = in memory
+    assert p != _order(names, 1)
+    grown = _order(names + ["new.jpg"], 0)  # adding an input keeps the others' order
+    assert [i for i in grown if i != 3000] == p
+    assert _order(["a", "a", "a"], 3, run=1) == [0, 1, 2]  # ties by listing position
 
 
 def test_symlink_cycle_is_listed_once(corpus, tmp_path):
