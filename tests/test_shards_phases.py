@@ -36,7 +36,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def files(out: Path, pattern: str = "shard-*") -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob(pattern))}
+    return {p.name: p.read_bytes() for p in sorted(out.glob(pattern)) if p.is_file()}
 
 
 def phased(src, out, **kw):
@@ -197,3 +197,46 @@ def test_records_are_read_lazily_and_checked(tmp_path):
     (root / R.RECORDS_FILE).unlink()
     with pytest.raises(ShardsError, match="shard records .* are missing"):
         ShardSet.open(root)
+
+
+# Kill and resume each phase ---------------------------------------------------------------------------
+
+PHASES = ("plan", "pack", "finalize")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "o"
+    plan, _ = phased(corpus, out)
+    return out, plan
+
+
+def run_phase(phase: str, corpus: Path, out: Path, crash: str | None = None, log: Path | None = None):
+    args = {"plan": ["plan", corpus, out, "--shard-size", SIZE, "--seed", 5, "--spare", SPARE],
+            "pack": ["pack", out, "--shards", "0:2"] if crash else ["pack", out],
+            "finalize": ["finalize", out]}[phase]
+    if crash is None:
+        return run_cli(*args, "--quiet")
+    return subprocess.run([sys.executable, str(REPO / "tests" / "crash_runner.py"), "kill", crash, str(log),
+                           "--", "make_shards", *map(str, args), "--quiet"], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("phase, point", [
+    ("plan", "rename:*/plan/main-000002.pkl:1"), ("plan", "rename:*/plan/plan.json:1"),
+    ("pack", "rename:*/shard-000001.tar:1"), ("pack", "rename:*/shard-000001.json:1"),
+    ("finalize", "rename:*/shard-{m1:06d}.json:1"), ("finalize", "rename:*/manifest.json:1")])
+def test_kill_and_resume_each_phase(corpus, reference, tmp_path, phase, point):
+    """SIGKILL at a chosen I/O point of one phase, run it again: the result is the uninterrupted one."""
+    ref, plan = reference
+    out = tmp_path / "o"
+    for before in PHASES[:PHASES.index(phase)]:
+        assert run_phase(before, corpus, out).returncode == 0
+    killed = run_phase(phase, corpus, out, crash=point.format(m1=plan.units + 1), log=tmp_path / "log")
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "manifest.json").exists()
+    for again in PHASES[PHASES.index(phase):]:
+        result = run_phase(again, corpus, out)
+        assert result.returncode == 0, result.stderr
+    assert files(out) == files(ref) and files(out / "plan", "*") == files(ref / "plan", "*")
+    assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
+    assert not list(out.rglob("*.tmp"))
