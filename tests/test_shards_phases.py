@@ -161,6 +161,10 @@ def test_records_sidecar_round_trip(corpus, tmp_path):
     skipped = [json.loads(line) for line in (tmp_path / "v3" / "skipped.jsonl").read_text().splitlines()]
     assert skipped == v2.manifest["skipped"] and v3.manifest["skipped"] == 4
     assert v3.verify() == [] and v2.version == 2  # the old (inline) layout is still what small sets get
+    with open(tmp_path / "v3" / R.RECORDS_FILE, "ab") as f:  # bytes no lazy read looks at
+        f.write(b"\0")
+    assert ShardSet.open(tmp_path / "v3").verify() == [
+        f"records: {R.RECORDS_FILE} does not match its sha256 in the manifest"]
 
 
 def synthetic_set(root: Path, num_shards: int, size: int = 2) -> None:

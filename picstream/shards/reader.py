@@ -234,8 +234,15 @@ class ShardSet:
 
     def verify(self, shards=None) -> list[str]:
         """Check the given shards (all by default) against the manifest: tar size and sha256, index
-        sha256 and, in format v2, every sample's checksum. One line per damaged file, empty if none."""
+        sha256 and, in format v2, every sample's checksum (v3, all shards: also the records file's
+        sha256). One line per damaged file, empty if none."""
         problems = []
+        if self.version >= 3 and shards is None:
+            entry = self.manifest["records"]
+            url = F.join(self.root, entry["name"])
+            data = self.remote_call(lambda: self.fs.cat_file(url), what=f"reading {url}", kind="manifest")
+            if F.sha256_hex(data) != entry["sha256"]:
+                problems.append(f"records: {entry['name']} does not match its sha256 in the manifest")
         for k in range(self.num_shards) if shards is None else shards:
             s = self._shards[k]
             url = F.join(self.root, s["name"])
