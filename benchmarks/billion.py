@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from picstream.shards import records as R  # noqa: E402
-from picstream.shards.sources import Input, Listing  # noqa: E402
+from picstream.shards.sources import Input, Labels, Listing  # noqa: E402
 
 
 def reset_peak() -> float:
@@ -50,7 +50,7 @@ def _status(key: str) -> float:
 def synthetic_inputs(n: int):
     for i in range(n):
         name = f"part-{i // 100000:05d}/{i:012d}.jpg"
-        yield Input(name, "s3://bucket/" + name, i % 1000)
+        yield Input(name, "s3://bucket/" + name, str(i % 1000))
 
 
 # children: each prints one JSON line ------------------------------------------------------------------
@@ -63,7 +63,7 @@ def child_plan(n: int, out: str, mode: str) -> dict:
     t = time.perf_counter()
     if mode == "external":
         fs, root = fsspec.core.url_to_fs(out)
-        listing = Listing("synthetic", "list", synthetic_inputs(n), None)
+        listing = Listing("synthetic", "list", synthetic_inputs(n), Labels())
         make_plan(listing, out, fs, root, seed=0, shard_size=1024, options={}, spare=1 / 16)
     else:  # today's in-memory order: every input in a list, argsort of their keys
         inputs = list(synthetic_inputs(n))

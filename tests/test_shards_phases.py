@@ -147,6 +147,31 @@ def test_plan_spare_too_small_is_one_error(corpus, tmp_path):
         pack(str(out))
 
 
+def test_plan_streams_its_listing(tmp_path, monkeypatch):
+    """Plan holds bounded memory end to end: a list source of 4x the names peaks (traced Python
+    allocations) like the smaller one, where holding the inputs would cost hundreds of bytes each."""
+    import tracemalloc
+
+    from picstream.shards import plan as P
+    for name, value in (("RUN", 256), ("FAN_IN", 4), ("BATCH", 64), ("CHUNK", 64)):
+        monkeypatch.setattr(P, name, value)  # small runs so that both sizes spill and merge
+
+    def peak(n: int) -> int:
+        names = tmp_path / f"list-{n}.txt"
+        names.write_text("".join(f"images/{i:09d}.jpg,{i % 7}\n" for i in range(n)))
+        tracemalloc.start()
+        try:
+            plan = plan_shards(names, tmp_path / f"out-{n}", shard_size=16, spare=0.25, tmp=str(tmp_path))[0]
+            assert plan.num_inputs == n and plan.label_names == [str(c) for c in range(7)]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(500)  # first use: imports and caches
+    small, large = peak(2000), peak(8000)
+    assert large < 1.2 * small and (large - small) / 6000 < 16, (small, large)
+
+
 # Version 3 manifests --------------------------------------------------------------------------------
 
 def test_records_sidecar_round_trip(corpus, tmp_path):

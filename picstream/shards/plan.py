@@ -12,7 +12,8 @@ listing position. Layout of a plan of N inputs, shard size s, `spare` r per unit
 `finalize` packs the reserve inputs the units did not use, in order, as shards M, M+1, .... With no
 input skipped that is exactly permutation order, the layout of a sequential build.
 
-Peak memory of the sort: (RUN + FAN_IN·BATCH) inputs in memory, independent of N.
+The listing is consumed as a stream (labels coded after it ends, see `sources.Labels`). Peak memory of
+the sort: (RUN + FAN_IN·BATCH) inputs, independent of N.
 """
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ class ExternalSort:
     """Sort (key, item) pairs (unique keys) in bounded memory: runs of `run` pairs are sorted and pickled
     to `folder` in batches, then merged `fan_in` at a time with heapq."""
 
-    def __init__(self, folder: str, run: int = RUN, fan_in: int = FAN_IN):
-        self.folder, self.run, self.fan_in = folder, run, fan_in
+    def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None):
+        self.folder, self.run, self.fan_in = folder, run or RUN, fan_in or FAN_IN
         self.buf: list = []
         self.runs: list[str] = []
         self._made = 0
@@ -130,8 +131,11 @@ def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, o
         ext = ExternalSort(folder)
         n = 0
         for n, inp in enumerate(listing.inputs, 1):
+            listing.labels.add(inp.label)
             digest.update(F.json_bytes([inp.name, inp.label]) + b"\n")
             ext.add(sort_key(inp.name, key, n - 1), inp)
+        label_names = listing.labels.finish()
+        digest.update(F.json_bytes(label_names))
         fingerprint = digest.hexdigest()
         _claim(out, fs, root, fingerprint, dict(source=listing.url, seed=seed, options=options))
         existing = _read_plan(fs, root)
@@ -140,8 +144,9 @@ def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, o
         r = None if spare is None else math.ceil(shard_size * spare)
         units = 0 if r is None else n // (shard_size + r)
         plan = Plan(fingerprint, n, shard_size, units, seed, options, dict(url=listing.url, kind=listing.kind),
-                    listing.label_names, r)
-        _write_lists(fs, plan_path(root), iter(ext), plan)
+                    label_names, r)
+        coded = (Input(i.name, i.locator, listing.labels.code(i.label)) for i in ext)
+        _write_lists(fs, plan_path(root), coded, plan)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     F.write_atomic(fs, F.join(plan_path(root), PLAN_FILE), json.dumps(plan.__dict__, indent=1).encode())
