@@ -172,6 +172,56 @@ def test_plan_streams_its_listing(tmp_path, monkeypatch):
     assert large < 1.2 * small and (large - small) / 6000 < 16, (small, large)
 
 
+class Stop(BaseException):
+    """Stands for a kill: nothing below the I/O point runs, no `except Exception` catches it."""
+
+
+def test_killed_plan_reuses_its_spilled_runs(tmp_path, monkeypatch):
+    """Stop a plan at a chosen I/O point of its sort (3 of 11 runs recorded) and run it again: it spills
+    only runs 3.., and its plan equals an uninterrupted one. After a change in run 1 of the source, the
+    runs from 1 on are made again."""
+    from picstream import iopoints
+    from picstream.shards import plan as P
+    for name, value in (("RUN", 100), ("FAN_IN", 4), ("BATCH", 16)):
+        monkeypatch.setattr(P, name, value)
+    spill = tmp_path / "spill"
+
+    def run(names: list[str], src: str, out: str, stop_at: int | None = None) -> list[str]:
+        """Plan SRC listing `names` into OUT (stopped at the `stop_at`-th runs.json rename); the runs made."""
+        made, renames = [], []
+
+        def hook(kind: str, path: str) -> None:
+            if kind == "create" and Path(path).name.startswith("run-"):
+                made.append(Path(path).name)
+            if kind == "rename" and path.endswith(P.RUNS_FILE):
+                renames.append(path)
+                if len(renames) == stop_at:
+                    raise Stop
+        (tmp_path / src).write_text("".join(f"{n},{len(n) % 3}\n" for n in names))
+        iopoints.set_hook(hook)
+        try:
+            plan_shards(tmp_path / src, tmp_path / out, shard_size=16, spare=0.25, tmp=str(spill))
+        finally:
+            iopoints.set_hook(None)
+        return made
+
+    names = [f"img/{i:05d}.jpg" for i in range(1050)]
+    runs = [f"run-{k:06d}.pkl" for k in range(11)]
+    assert run(names, "a.txt", "ref") == runs
+    with pytest.raises(Stop):
+        run(names, "a.txt", "o", stop_at=4)
+    assert run(names, "a.txt", "o") == runs[3:]
+    assert files(tmp_path / "o" / "plan", "*") == files(tmp_path / "ref" / "plan", "*")
+    assert not list(spill.iterdir())  # finished plans leave no runs behind
+
+    changed = names[:150] + ["img/changed.jpg"] + names[151:]
+    assert run(changed, "b.txt", "ref2") == runs
+    with pytest.raises(Stop):
+        run(names, "b.txt", "o2", stop_at=4)
+    assert run(changed, "b.txt", "o2") == runs[1:]
+    assert files(tmp_path / "o2" / "plan", "*") == files(tmp_path / "ref2" / "plan", "*")
+
+
 # Version 3 manifests --------------------------------------------------------------------------------
 
 def test_records_sidecar_round_trip(corpus, tmp_path):

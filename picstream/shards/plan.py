@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 
 import fsspec
 
+from ..iopoints import point, replace_file
 from . import format as F
 from .format import ShardsError
 from .sources import Input
@@ -42,6 +43,8 @@ CHUNK = 4096  # reserve inputs per plan file
 RUN = 1 << 17  # inputs sorted in memory per spilled run
 FAN_IN = 64  # runs merged at once
 BATCH = 1024  # inputs per pickled batch of a run
+RUNS_FILE = "runs.json"  # the recorded runs of a spill folder
+MERGED = "merged-"  # intermediate merges (removed as read)
 
 
 @dataclass(frozen=True)
@@ -72,28 +75,54 @@ def sort_key(name: str, key: bytes, position: int) -> bytes:
 
 class ExternalSort:
     """Sort (key, item) pairs (unique keys) in bounded memory: runs of `run` pairs are sorted and pickled
-    to `folder` in batches, then merged `fan_in` at a time with heapq."""
+    to `folder` in batches, then merged `fan_in` at a time with heapq.
+
+    Resumable: each run is recorded in `folder/runs.json` with the sha256 of the `line`s added with its
+    pairs, and kept until the folder is removed. A sort started again in the same folder reuses each
+    recorded run whose lines match and makes the first one that differs, and those after it, again."""
 
     def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None):
         self.folder, self.run, self.fan_in = folder, run or RUN, fan_in or FAN_IN
         self.buf: list = []
-        self.runs: list[str] = []
-        self._made = 0
+        self.digest = hashlib.sha256()
+        self.runs: list[str] = []  # this sort's runs, in listing order
+        self.reused = 0
+        try:
+            with open(os.path.join(folder, RUNS_FILE)) as f:
+                self.recorded: list[str] = json.load(f)
+        except FileNotFoundError:
+            self.recorded = []
 
-    def add(self, key: bytes, item) -> None:
+    def add(self, key: bytes, item, line: bytes = b"") -> None:
         self.buf.append((key, item))
+        self.digest.update(line)
         if len(self.buf) >= self.run:
-            self._spill(sorted(self.buf))
-            self.buf = []
+            self._close_run()
 
-    def _spill(self, pairs: Iterable) -> None:
-        path = os.path.join(self.folder, f"run-{self._made}.pkl")
-        self._made += 1
+    def _close_run(self) -> None:
+        k, digest = len(self.runs), self.digest.hexdigest()
+        path = os.path.join(self.folder, f"run-{k:06d}.pkl")
+        if self.recorded[k:k + 1] == [digest]:
+            self.reused += 1
+        else:
+            if len(self.recorded) > k:  # forget run k before its file is replaced
+                self._record(self.recorded[:k])
+            self._spill(sorted(self.buf), path)
+            self._record(self.recorded + [digest])
+        self.runs.append(path)
+        self.buf, self.digest = [], hashlib.sha256()
+
+    def _record(self, digests: list[str]) -> None:
+        self.recorded = digests
+        replace_file(os.path.join(self.folder, RUNS_FILE), json.dumps(digests).encode())
+
+    def _spill(self, pairs: Iterable, path: str) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        point("create", path)
         with open(path, "wb") as f:
             it = iter(pairs)
             while batch := list(itertools.islice(it, BATCH)):
                 pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
-        self.runs.append(path)
 
     @staticmethod
     def _read(path: str) -> Iterator:
@@ -103,7 +132,8 @@ class ExternalSort:
                     yield from pickle.load(f)
                 except EOFError:
                     break
-        os.unlink(path)
+        if os.path.basename(path).startswith(MERGED):
+            os.unlink(path)
 
     def __iter__(self) -> Iterator:
         """The items in key order (each consumed once)."""
@@ -111,12 +141,15 @@ class ExternalSort:
             yield from (item for _, item in sorted(self.buf))
             return
         if self.buf:
-            self._spill(sorted(self.buf))
-            self.buf = []
-        while len(self.runs) > self.fan_in:
-            group, self.runs = self.runs[:self.fan_in], self.runs[self.fan_in:]
-            self._spill(heapq.merge(*map(self._read, group)))
-        yield from (item for _, item in heapq.merge(*map(self._read, self.runs)))
+            self._close_run()
+        runs = list(self.runs)
+        for m in itertools.count():
+            if len(runs) <= self.fan_in:
+                break
+            group, runs = runs[:self.fan_in], runs[self.fan_in:]
+            runs.append(os.path.join(self.folder, f"{MERGED}{m}.pkl"))
+            self._spill(heapq.merge(*map(self._read, group)), runs[-1])
+        yield from (item for _, item in heapq.merge(*map(self._read, runs)))
 
 
 def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, options: dict,
@@ -126,31 +159,36 @@ def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, o
                   spare=spare)
     digest = hashlib.sha256(F.json_bytes(header))
     key = str(seed).encode()[:64]
-    folder = tempfile.mkdtemp(prefix="picstream-plan-", dir=tmp)
-    try:
-        ext = ExternalSort(folder)
-        n = 0
-        for n, inp in enumerate(listing.inputs, 1):
-            listing.labels.add(inp.label)
-            digest.update(F.json_bytes([inp.name, inp.label]) + b"\n")
-            ext.add(sort_key(inp.name, key, n - 1), inp)
-        label_names = listing.labels.finish()
-        digest.update(F.json_bytes(label_names))
-        fingerprint = digest.hexdigest()
-        _claim(out, fs, root, fingerprint, dict(source=listing.url, seed=seed, options=options))
-        existing = _read_plan(fs, root)
-        if existing is not None and existing.fingerprint == fingerprint:
-            return existing
+    folder = spill_folder(out, listing.url, header, tmp)
+    ext = ExternalSort(folder)
+    n = 0
+    for n, inp in enumerate(listing.inputs, 1):
+        listing.labels.add(inp.label)
+        line = F.json_bytes([inp.name, inp.label]) + b"\n"
+        digest.update(line)
+        ext.add(sort_key(inp.name, key, n - 1), inp, line)
+    label_names = listing.labels.finish()
+    digest.update(F.json_bytes(label_names))
+    fingerprint = digest.hexdigest()
+    _claim(out, fs, root, fingerprint, dict(source=listing.url, seed=seed, options=options))
+    plan = _read_plan(fs, root)
+    if plan is None or plan.fingerprint != fingerprint:
         r = None if spare is None else math.ceil(shard_size * spare)
         units = 0 if r is None else n // (shard_size + r)
         plan = Plan(fingerprint, n, shard_size, units, seed, options, dict(url=listing.url, kind=listing.kind),
                     label_names, r)
         coded = (Input(i.name, i.locator, listing.labels.code(i.label)) for i in ext)
         _write_lists(fs, plan_path(root), coded, plan)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    F.write_atomic(fs, F.join(plan_path(root), PLAN_FILE), json.dumps(plan.__dict__, indent=1).encode())
+        F.write_atomic(fs, F.join(plan_path(root), PLAN_FILE), json.dumps(plan.__dict__, indent=1).encode())
+    shutil.rmtree(folder, ignore_errors=True)
     return plan
+
+
+def spill_folder(out: str, src: str, header: dict, tmp: str | None) -> str:
+    """The local folder of a plan's sorted runs: one per (output, source, options), so a killed plan
+    finds its runs again; removed when the plan is finished."""
+    name = hashlib.sha256(F.json_bytes([out, src, header])).hexdigest()[:20]
+    return os.path.join(tmp or tempfile.gettempdir(), f"picstream-plan-{name}")
 
 
 def _claim(out: str, fs, root: str, fingerprint: str, describe: dict) -> None:
