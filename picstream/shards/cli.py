@@ -68,7 +68,8 @@ def phase_parser(phase: str) -> argparse.ArgumentParser:
         p.add_argument("--spare", type=float, default=0.0625, metavar="F",
                        help="reserve inputs per shard as a fraction of the shard size, to replace skipped "
                             "inputs (default 0.0625; make it larger than the share of unusable inputs)")
-        p.add_argument("--tmp", default=None, metavar="DIR", help="local folder for the sort's spilled runs")
+        p.add_argument("--tmp", default=None, metavar="DIR",
+                       help="local folder for the sort's spilled runs (kept for a re-run until the plan is done)")
         return p
     p.add_argument("out", help="the output folder or URL given to `make_shards plan`")
     p.add_argument("--workers", type=int, default=1, help="validating/converting processes (default 1)")

@@ -12,6 +12,8 @@ listing position. Layout of a plan of N inputs, shard size s, `spare` r per unit
 `finalize` packs the reserve inputs the units did not use, in order, as shards M, M+1, .... With no
 input skipped that is exactly permutation order, the layout of a sequential build.
 
+A killed plan resumes: the sorted runs of the listing are kept in `spill_folder` until `plan.json` is
+written, and a re-run reuses those whose listing lines are unchanged (`ExternalSort`).
 The listing is consumed as a stream (labels coded after it ends, see `sources.Labels`). Peak memory of
 the sort: (RUN + FAN_IN·BATCH) inputs, independent of N.
 """
