@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
 FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: install demo test bench gpu-check ffcv parquet clean
+.PHONY: install demo test bench gpu-check ffcv parquet cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ ffcv: $(STAMP)
 # Optional: parquet and Hugging Face `datasets` sources for make_shards (`.[parquet]`).
 parquet: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev,parquet]"
+
+# Optional: distributed packing on Dask (`make_shards pack --dask`, `.[cluster]`).
+cluster: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[dev,cluster]"
 
 demo: $(STAMP)
 	$(VENV)/bin/picstream-demo

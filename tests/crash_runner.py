@@ -1,9 +1,11 @@
-"""Run `picstream-train` with an I/O hook that acts at one chosen I/O point.
+"""Run `picstream-train` (or `make_shards`) with an I/O hook that acts at one chosen I/O point.
 
     python tests/crash_runner.py ACTION SPEC LOG -- [picstream-train arguments]
+    python tests/crash_runner.py ACTION SPEC LOG -- make_shards [make_shards arguments]
 
 ACTION: `kill` (SIGKILL there), `enospc` (raise ENOSPC there), `pause` (create LOG.reached, then wait
-until LOG.go exists) or `count` (act nowhere); `ACTION@R` acts only in rank R of a torchrun job. Every point passed is appended to LOG as `kind path`.
+until LOG.go exists) or `count` (act nowhere); `ACTION@R` acts only in rank R of a torchrun job.
+Every point passed is appended to LOG as `kind path`.
 SPEC: `N` (the N-th point of this process) or `KIND:GLOB:K[:+OFFSET]` (the K-th point of that kind
 whose path matches GLOB, or OFFSET points after it).
 """
@@ -18,7 +20,6 @@ import time
 from pathlib import Path
 
 from picstream import iopoints
-from picstream.train import main
 
 
 class Hook:
@@ -55,10 +56,15 @@ class Hook:
 
 
 if __name__ == "__main__":
-    action, spec, log, sep, *train_args = sys.argv[1:]
+    action, spec, log, sep, *args = sys.argv[1:]
     action, _, rank = action.partition("@")
     if rank and rank != os.environ.get("RANK", "0"):
         action = "count"
     assert sep == "--" and action in ("kill", "enospc", "pause", "count")
+    if args[:1] == ["make_shards"]:
+        from picstream.shards.cli import main
+        args = args[1:]
+    else:
+        from picstream.train import main
     iopoints.set_hook(Hook(action, spec, Path(log)))
-    sys.exit(main(train_args))
+    sys.exit(main(args))

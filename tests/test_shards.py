@@ -1,19 +1,21 @@
 """make_shards + ShardSet on a CIFAR-10 subset: round trip, IDs, labels, determinism, resume, CLI errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tarfile
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from picstream.shards import ShardSet, make_shards
+from picstream.shards.plan import ExternalSort, sort_key
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "cat")
@@ -169,26 +171,23 @@ def cli(*args, **kw):
 
 
 def test_resume_after_sigkill(imagenet_sample_dir, tmp_path):
-    """Kill the CLI after a few shards, re-run it: only the missing shards are made, bytes are identical."""
+    """SIGKILL the CLI as it renames shard 3's sidecar (shard 3's tar is already in place), re-run it:
+    only the missing shards are made, bytes are identical to an uninterrupted build."""
     src = tmp_path / "src"
     src.mkdir()
     for f in sorted(imagenet_sample_dir.iterdir())[:160]:
         (src / f.name).symlink_to(f)
     opts = ["--shard-size", "16", "--resize-short", "64", "--seed", "3"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards.py"), src, out, *opts],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (out / "shard-000001.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    finished = len(list(out.glob("shard-*.json")))
-    assert 2 <= finished < 10
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "crash_runner.py"), "kill",
+                             "rename:*/shard-000003.json:1", str(tmp_path / "log"), "--", "make_shards",
+                             src, out, *opts, "--quiet"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "manifest.json").exists() and (out / "shard-000003.tar").exists()
+    assert sorted(p.name for p in out.glob("shard-*.json")) == [f"shard-{k:06d}.json" for k in range(3)]
     rerun = cli(src, out, *opts)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{finished} shards resumed" in rerun.stderr.splitlines()[-1]
+    assert "3 shards resumed" in rerun.stderr.splitlines()[-1]
     make_shards(src, tmp_path / "whole", shard_size=16, resize_short=64, seed=3, progress=False)
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
     assert (out / "manifest.json").read_bytes() == (tmp_path / "whole" / "manifest.json").read_bytes()
@@ -237,15 +236,26 @@ def test_output_inside_source_and_rerun(corpus, tmp_path):
     assert ShardSet.open(tmp_path / "shards" / "manifest.json").verify() == []
 
 
+def _order(names, seed, run=7, fan_in=3):
+    """The plan's permutation of `names` (spilled in runs of `run`, merged `fan_in` at a time)."""
+    key = str(seed).encode()
+    with tempfile.TemporaryDirectory() as d:
+        ext = ExternalSort(d, run=run, fan_in=fan_in)
+        for i, n in enumerate(names):
+            ext.add(sort_key(n, key, i), i)
+        return list(ext)
+
+
 def test_permutation():
-    from picstream.shards.build import permutation
     names = [f"c{i % 3}/{i:05d}.jpg" for i in range(3000)]
-    p = permutation(names, 0)
-    assert sorted(p.tolist()) == list(range(3000)) and p.tolist() == permutation(names, 0).tolist()
-    assert p.tolist() != permutation(names, 1).tolist()
-    grown = permutation(names + ["new.jpg"], 0).tolist()  # adding an input keeps the others' order
-    assert [i for i in grown if i != 3000] == p.tolist()
-    assert permutation(["a", "a", "a"], 3).tolist() == [0, 1, 2]  # ties by listing position
+    digests = [hashlib.blake2b(n.encode(), digest_size=8, key=b"0").digest() for n in names]
+    oracle = np.argsort(np.frombuffer(b"".join(digests), dtype=">u8"), kind="stable").tolist()
+    p = _order(names, 0)
+    assert p == oracle == _order(names, 0, run=10**6)  # spilled + multi-level merge = in memory
+    assert p != _order(names, 1)
+    grown = _order(names + ["new.jpg"], 0)  # adding an input keeps the others' order
+    assert [i for i in grown if i != 3000] == p
+    assert _order(["a", "a", "a"], 3, run=1) == [0, 1, 2]  # ties by listing position
 
 
 def test_symlink_cycle_is_listed_once(corpus, tmp_path):

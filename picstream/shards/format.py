@@ -10,13 +10,16 @@ import numpy as np
 import xxhash
 from fsspec.utils import get_protocol
 
+from .. import iopoints
+
 FORMAT_NAME = "picstream-shards"
-FORMAT_VERSION = 2  # what make_shards writes
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # what make_shards writes with the shard records inline in manifest.json
+RECORDS_VERSION = 3  # the same shards, with the records in a sidecar (large sets; see records.py)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 INDEX_DTYPE = np.dtype("<i8")
 # v1 rows: (offset of the image bytes inside the tar, size, label or -1); v2 adds the image's checksum
-INDEX_COLUMNS = {1: 3, 2: 4}
+INDEX_COLUMNS = {1: 3, 2: 4, 3: 4}
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tar files are padded to a whole record, like tarfile/GNU tar do
 
@@ -110,6 +113,8 @@ def join(root: str, name: str) -> str:
 def write_atomic(fs, path: str, data: bytes) -> None:
     """Write to a temporary name beside `path`, then rename it into place."""
     tmp = path + ".tmp"
+    iopoints.point("create", tmp)
     with fs.open(tmp, "wb") as f:
         f.write(data)
+    iopoints.point("rename", path)
     fs.mv(tmp, path)

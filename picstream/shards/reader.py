@@ -15,6 +15,7 @@ import numpy as np
 
 from . import format as F
 from .format import DamagedData, MissingShard, ShardsError
+from .records import Records
 from .retry import RetryPolicy, RetryStats, Unavailable
 
 INDEX_CACHE_SHARDS = 4096  # per-shard index arrays kept (32 bytes per sample)
@@ -47,10 +48,15 @@ class ShardSet:
         self.remote = not F.is_local(self.root)
         self.retry = retry or RetryPolicy()
         self.retry_stats = retry_stats or RetryStats()
-        self._shards = manifest["shards"]
         self._n: int = manifest["num_samples"]
         self._fs = None
         self._pid = None
+        if self.version >= 3:  # records in a sidecar: header checked now, blocks read when needed
+            self._shards = Records(lambda: self.fs, self.root, manifest)
+            self.remote_call(self._shards.open, what=f"reading the shard records of {self.root}",
+                             kind="manifest")
+        else:
+            self._shards = manifest["shards"]
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
         self._failed: dict[int, OSError] = {}  # shards whose index could not be read, this run
 
@@ -116,7 +122,8 @@ class ShardSet:
         return s["first_id"], s["count"]
 
     def shard_record(self, k: int) -> dict:
-        """Shard k as the manifest lists it: name, index, first_id, count, bytes, sha256, index_sha256."""
+        """Shard k as the manifest lists it (v3: its records file): name, index, first_id, count, bytes,
+        sha256, index_sha256."""
         return self._shards[k]
 
     def shard_url(self, k: int) -> str:
@@ -227,8 +234,15 @@ class ShardSet:
 
     def verify(self, shards=None) -> list[str]:
         """Check the given shards (all by default) against the manifest: tar size and sha256, index
-        sha256 and, in format v2, every sample's checksum. One line per damaged file, empty if none."""
+        sha256 and, in format v2, every sample's checksum (v3, all shards: also the records file's
+        sha256). One line per damaged file, empty if none."""
         problems = []
+        if self.version >= 3 and shards is None:
+            entry = self.manifest["records"]
+            url = F.join(self.root, entry["name"])
+            data = self.remote_call(lambda: self.fs.cat_file(url), what=f"reading {url}", kind="manifest")
+            if F.sha256_hex(data) != entry["sha256"]:
+                problems.append(f"records: {entry['name']} does not match its sha256 in the manifest")
         for k in range(self.num_shards) if shards is None else shards:
             s = self._shards[k]
             url = F.join(self.root, s["name"])
@@ -276,7 +290,8 @@ class ShardSet:
 
 
 def check_manifest(manifest, where: str) -> None:
-    """Raise a one-line :class:`ShardsError` unless `manifest` is a consistent v1/v2 shard manifest."""
+    """Raise a one-line :class:`ShardsError` unless `manifest` is a consistent shard manifest (v3: its
+    header; the records file is checked when read)."""
     def bad(why: str):
         return ShardsError(f"{where}: not a valid {F.FORMAT_NAME} manifest: {why}")
 
@@ -290,11 +305,21 @@ def check_manifest(manifest, where: str) -> None:
     for key in ("num_samples", "shard_size", "num_shards"):
         if type(manifest.get(key)) is not int or manifest[key] < 0:
             raise bad(f"'{key}' must be a non-negative integer, got {manifest.get(key)!r}")
+    if not isinstance(manifest.get("label_names", 0), (list, type(None))):
+        raise bad("'label_names' must be a list or null")
+    if version >= 3:
+        entry = manifest.get("records")
+        if not isinstance(entry, dict) or any(type(entry.get(k)) is not str
+                                              for k in ("name", "sha256", "table_sha256")):
+            raise bad("'records' must name the records file with its sha256 and table_sha256")
+        if manifest["num_samples"] == 0 or manifest["num_shards"] != -(-manifest["num_samples"]
+                                                                      // max(manifest["shard_size"], 1)):
+            raise bad(f"{manifest['num_samples']} samples in {manifest['num_shards']} shards of "
+                      f"{manifest['shard_size']}")
+        return
     shards, size = manifest.get("shards"), manifest["shard_size"]
     if not isinstance(shards, list) or len(shards) != manifest["num_shards"]:
         raise bad(f"'shards' must list num_shards={manifest['num_shards']} shards")
-    if not isinstance(manifest.get("label_names", 0), (list, type(None))):
-        raise bad("'label_names' must be a list or null")
     for k, s in enumerate(shards):
         if not isinstance(s, dict) or any(type(s.get(key)) is not tp for key, tp in SHARD_KEYS.items()):
             raise bad(f"shard {k} must have {', '.join(SHARD_KEYS)}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import iopoints
 from . import format as F
 
 
@@ -70,6 +71,7 @@ class ShardWriter:
         columns = F.INDEX_COLUMNS[F.FORMAT_VERSION]
         index = np.asarray(self._rows, dtype=F.INDEX_DTYPE).reshape(-1, columns).tobytes()
         F.write_atomic(self.fs, self.index_path, index)
+        iopoints.point("rename", self.path)
         self.fs.mv(self._tmp, self.path)
         return ShardRecord(F.shard_name(self.k), F.index_name(self.k), self.first_id, len(self._rows),
                            self._pos, self._sha.hexdigest(), F.sha256_hex(index))

@@ -1,5 +1,5 @@
-"""Source adapters for `make_shards`: each lists a corpus's inputs (name, locator, label) and reads one
-input's bytes. Image files (folder tree or list) `files`; webdataset/img2dataset tars `tars`; parquet and
+"""Source adapters for `make_shards`: each streams a corpus's inputs (name, locator, label string) and
+reads one input's bytes. Image files (folder tree or list) `files`; webdataset/img2dataset tars `tars`; parquet and
 `datasets` folders `tables`; FFCV .beton files `beton`."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import tempfile
 import fsspec
 
 from ..format import ShardsError
-from .base import Input, Listing, SourceOptions, local_path
+from .base import Input, Labels, Listing, SourceOptions, local_path
 from .files import list_files, read_input
 
 KINDS = ("auto", "files", "webdataset", "parquet", "datasets", "beton")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm")
 
-__all__ = ["Input", "KINDS", "Listing", "SourceOptions", "detect_kind", "list_inputs", "read_sample"]
+__all__ = ["Input", "KINDS", "Labels", "Listing", "SourceOptions", "detect_kind", "list_inputs", "read_sample"]
 
 
 def list_inputs(src: str, *, labels: bool = True, storage_options: dict | None = None,

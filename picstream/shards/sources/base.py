@@ -1,9 +1,10 @@
-"""What every source adapter produces: a `Listing` of `Input`s, each with a locator its worker can read."""
+"""What every source adapter produces: a `Listing` that streams `Input`s, each with a locator its worker
+can read, and the `Labels` that code their label strings once the stream has ended."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import fsspec
 
@@ -26,17 +27,58 @@ class SourceOptions:
 class Input:
     name: str  # how the input is recorded: path relative to the source, list entry, or container/key
     locator: object  # a local path or URL (str), or a container record with `read(storage_options)`
-    label: int  # -1 when unlabeled
+    label: int | str | None  # in a Listing the label string (None: unlabeled); in a plan its code (-1)
+
+
+class Labels:
+    """Codes the label strings of a listing once all of them are seen, holding only the distinct strings:
+    when `numeric` and every label is a non-negative integer, the integers themselves (names "0".."max",
+    or `class_names` extended to max), otherwise the rank among the sorted distinct strings."""
+
+    def __init__(self, numeric: bool = True, class_names: list[str] | None = None):
+        self.numeric, self.class_names, self.seen = numeric, class_names, set()
+        self._index: dict | None = None
+
+    def add(self, raw: str | None) -> None:
+        if raw is not None:
+            self.seen.add(raw)
+
+    def finish(self) -> list[str] | None:
+        """The label names (None: no label at all); `code` works from here on."""
+        if not self.seen:
+            self._index = {}
+            return None
+        if self.numeric and all(x.isdigit() for x in self.seen):
+            known = self.class_names or []
+            return known + [str(i) for i in range(len(known), max(int(x) for x in self.seen) + 1)]
+        names = sorted(self.seen)
+        self._index = {c: i for i, c in enumerate(names)}
+        return names
+
+    def code(self, raw: str | None) -> int:
+        if raw is None:
+            return -1
+        return int(raw) if self._index is None else self._index[raw]
 
 
 @dataclass(frozen=True)
 class Listing:
     url: str
     kind: str  # "folder" | "list" | "webdataset" | "parquet" | "datasets" | "beton"
-    inputs: list[Input]
-    label_names: list[str] | None
+    inputs: Iterator[Input]  # streamed once, in listing order, labels as strings
+    labels: Labels
     options: dict = field(default_factory=dict)  # source options that change the output (fingerprinted)
     cleanup: Callable[[], None] | None = None  # removes staged copies once the shards are complete
+
+
+def nonempty(inputs: Iterable[Input], message: str) -> Iterator[Input]:
+    """`inputs`, passed on; a ShardsError(`message`) at the end if there was none."""
+    empty = True
+    for inp in inputs:
+        empty = False
+        yield inp
+    if empty:
+        raise ShardsError(message)
 
 
 def is_url(s: str) -> bool:
@@ -48,20 +90,6 @@ def local_path(url: str) -> str | None:
     if url.startswith("file://"):
         return url[len("file://"):]
     return None if is_url(url) else url
-
-
-def code_labels(raw: list[str | None]) -> tuple[list[str] | None, list[int]]:
-    """Labels from per-input strings (None = unlabeled): non-negative integers are used as-is (names
-    "0".."max"), otherwise the sorted distinct strings are the label names."""
-    given = [x for x in raw if x is not None]
-    if not given:
-        return None, [-1] * len(raw)
-    if all(x.isdigit() for x in given):
-        return ([str(i) for i in range(max(int(x) for x in given) + 1)],
-                [int(x) if x is not None else -1 for x in raw])
-    names = sorted(set(given))
-    index = {c: i for i, c in enumerate(names)}
-    return names, [index[x] if x is not None else -1 for x in raw]
 
 
 def read_range(url: str, start: int, size: int, storage_options: dict | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """Source adapter for FFCV .beton files (read with ffcv's reader): an RGBImageField in JPEG mode gives
 the stored JPEG bytes (kept as-is when valid), raw mode gives pixels, handed on as a lossless PPM that
-make_shards encodes at `--quality`; the label is a named IntField (`--label-column`, default `label`)."""
+make_shards encodes at `--quality`; the label is a named IntField (`--label-column`, default `label`).
+The inputs are made one at a time from the numpy metadata columns (tens of bytes per input)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..format import ShardsError
-from .base import Input, Listing, local_path, read_range
+from .base import Input, Labels, Listing, local_path, nonempty, read_range
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,11 @@ def list_beton(src: str, *, labels: bool, image_field: str | None, label_field: 
         beton = BetonSet(path, image_field=image_field, label_field=label_field)
     except (OSError, ValueError, ImportError, AssertionError) as e:
         raise ShardsError(str(e)) from None
-    table = beton.image_table()
-    index = np.arange(len(beton))
-    codes = beton.labels_of_indices(index) if labels else np.full(len(index), -1)
-    codes = np.where(codes < 0, -1, codes)
-    names = [str(i) for i in range(int(codes.max()) + 1)] if codes.max() >= 0 else None
-    inputs = [Input(str(i), BetonSample(beton.path, int(o), int(n), bool(j), int(w), int(h)), int(c))
-              for i, o, n, j, w, h, c in zip(index, table["offset"], table["size"], table["jpeg"],
-                                             table["width"], table["height"], codes)]
+    table = beton.image_table()  # numpy columns (FFCV holds the file's metadata table whole)
+    codes = beton.labels_of_indices(np.arange(len(beton))) if labels else np.full(len(beton), -1)
+    inputs = (Input(str(i), BetonSample(beton.path, int(o), int(n), bool(j), int(w), int(h)),
+                    str(int(c)) if c >= 0 else None)
+              for i, (o, n, j, w, h, c) in enumerate(zip(table["offset"], table["size"], table["jpeg"],
+                                                         table["width"], table["height"], codes)))
     options = dict(image_column=beton.image_field, label_column=beton.label_field if labels else None)
-    return Listing(beton.path, "beton", inputs, names, options)
+    return Listing(beton.path, "beton", nonempty(inputs, f"no samples in {src}"), Labels(), options)

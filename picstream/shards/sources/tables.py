@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 
 from ..convert import EMPTY, READ_ERROR, Skip
 from ..format import ShardsError
-from .base import Input, Listing, code_labels, common_root, expand, is_url, relative
+from .base import Input, Labels, Listing, common_root, expand, is_url, nonempty, relative
 
 BATCH_ROWS = 256  # rows per record batch while streaming (bounds memory with large images)
 
@@ -74,20 +75,19 @@ def list_table(src: str, kind: str, *, labels: bool, image_column: str | None, l
     staged = os.path.join(staging_dir, hashlib.sha256(key).hexdigest()[:20] + ".arrow")
     if not os.path.exists(staged):
         _stage(files, root, kind, image_column, label_column, storage_options, staged)
-    inputs, raw = [], []
-    for b, batch in enumerate(_staged_batches(staged)):
-        for r, (name, label) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())):
-            inputs.append(Input(name, TableRow(staged, b, r), -1))
-            raw.append(label)
-    if not inputs:
-        raise ShardsError(f"no rows found in {src}")
-    names, codes = code_labels(raw)
-    class_names = _class_names(schema, label_column)
-    if names is not None and class_names and all(x is None or x.isdigit() for x in raw):
-        names = class_names + [str(i) for i in range(len(class_names), len(names))]
     options = dict(image_column=image_column, label_column=label_column)
-    return Listing(src, kind, [Input(i.name, i.locator, c) for i, c in zip(inputs, codes)], names, options,
+    coder = Labels(class_names=_class_names(schema, label_column))
+    return Listing(src, kind, nonempty(_rows(staged), f"no rows found in {src}"), coder, options,
                    cleanup=lambda: _remove(staged))
+
+
+def _rows(staged: str) -> Iterator[Input]:
+    """The rows of a staged copy, one record batch at a time."""
+    import pyarrow as pa
+
+    for b, batch in enumerate(pa.ipc.open_stream(pa.memory_map(staged))):
+        for r, (name, label) in enumerate(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())):
+            yield Input(name, TableRow(staged, b, r), label)
 
 
 def _dataset_files(src: str, so: dict) -> tuple[list[str], str]:

@@ -13,12 +13,13 @@ import json
 import sys
 import tarfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import fsspec
 
 from ..convert import Skip
 from ..format import ShardsError
-from .base import Input, Listing, code_labels, expand, read_range, relative
+from .base import Input, Labels, Listing, expand, nonempty, read_range, relative
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image is the first of these a sample has
 KEPT_EXTS = ("txt", "json")  # copied into the output's metadata
@@ -61,24 +62,21 @@ class Missing:
 
 
 def list_tars(src: str, *, labels: bool, label_key: str | None, storage_options: dict) -> Listing:
-    """Every sample of every tar of SRC (a tar, a folder of tars, a brace/glob pattern or URL)."""
+    """Every sample of every tar of SRC (a tar, a folder of tars, a brace/glob pattern or URL), streamed
+    tar by tar (the tar URLs are listed first)."""
     urls, root = expand(src, ".tar", storage_options)
-    inputs: list[Input] = []
-    raw: list[str | None] = []
+    options = {"label_key": label_key} if label_key else {}
+    inputs = _inputs(urls, root, labels, label_key, storage_options)
+    return Listing(src, "webdataset", nonempty(inputs, f"no samples found in {src}"), Labels(), options)
+
+
+def _inputs(urls: list[str], root: str, labels: bool, label_key: str | None, so: dict) -> Iterator[Input]:
     for url in urls:
         name = relative(url, root)
-        for key, locator, label in _samples(url, labels, label_key, storage_options):
-            inputs.append(Input(f"{name}/{key}", locator, -1))
-            raw.append(label)
-        for key, detail in _failures(url, storage_options):
-            inputs.append(Input(f"{name}/{key}", Missing(NOT_DOWNLOADED, detail), -1))
-            raw.append(None)
-    if not inputs:
-        raise ShardsError(f"no samples found in {src}")
-    names, codes = code_labels(raw)
-    inputs = [Input(i.name, i.locator, c) for i, c in zip(inputs, codes)]
-    options = {"label_key": label_key} if label_key else {}
-    return Listing(src, "webdataset", inputs, names, options)
+        for key, locator, label in _samples(url, labels, label_key, so):
+            yield Input(f"{name}/{key}", locator, label)
+        for key, detail in _failures(url, so):
+            yield Input(f"{name}/{key}", Missing(NOT_DOWNLOADED, detail), None)
 
 
 def _samples(url: str, labels: bool, label_key: str | None, so: dict):
@@ -120,28 +118,26 @@ def _label(tar: tarfile.TarFile, parts: dict, labels: bool, label_key: str | Non
     return str(value)
 
 
-def _failures(url: str, so: dict) -> list[tuple[str, str]]:
+def _failures(url: str, so: dict) -> Iterator[tuple[str, str]]:
     """(key, error message) of the failed downloads listed in img2dataset's parquet beside the tar."""
     table_url = url[:-len(".tar")] + ".parquet"
     fs, path = fsspec.core.url_to_fs(table_url, **so)
     if not fs.exists(path):
-        return []
+        return
     try:
         import pyarrow.parquet as pq
     except ImportError:
         print(f"make_shards: warning: pyarrow is not installed; failed downloads listed in {table_url} "
               "are not recorded (pip install 'picstream[parquet]')", file=sys.stderr)
-        return []
+        return
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
         if not {"key", "status"} <= set(pf.schema_arrow.names):
-            return []
+            return
         columns = ["key", "status"] + (["error_message"] if "error_message" in pf.schema_arrow.names else [])
-        failed = []
         for batch in pf.iter_batches(columns=columns):
             rows = batch.to_pydict()
             for i, status in enumerate(rows["status"]):
                 if status != "success":
                     message = rows.get("error_message", [None] * len(rows["status"]))[i]
-                    failed.append((str(rows["key"][i]), f"{status}: {message}"))
-    return failed
+                    yield str(rows["key"][i]), f"{status}: {message}"
