@@ -8,7 +8,7 @@ the updates. The collectives of one step are then timed alone with the same size
 rank: classifier device memory and bytes sent through collectives per step.
 
 ``--learning`` instead pre-trains the CIFAR-10 subset of the learning test (the `cpu` scale of
-`tools/reproduce.py`: 250 images × 100 epochs, BatchNorm per process) with 1 and with 2 processes
+`tools/reproduce.py`: 250 images × 100 epochs, batch 126, BatchNorm per process) with 1 and 2 processes
 and compares their k-NN top-1 (~10 min on 2 cores).
 
 Usage: python benchmarks/distributed.py [--quick] [--learning [--data DIR_OR_ARCHIVE]]
@@ -130,7 +130,8 @@ def learning(args) -> None:
         run_dir = work / f"p{procs}"
         started = time.perf_counter()
         subprocess.run([*torchrun(procs), "-m", "picstream.train", "--config", str(base_config(scale, work)),
-                        f"run.output_dir={run_dir}", f"data.train={data.pretrain}"],
+                        f"run.output_dir={run_dir}", f"data.train={data.pretrain}",
+                        "optim.batch_size=126", "optim.base_batch_size=126"],  # 125 does not split in 2
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         last = sorted((run_dir / "checkpoints").glob("ckpt-*[0-9].pt"))[-1]
         out = run_dir / "knn.json"

@@ -63,7 +63,8 @@ class MetricsLogger:
         """A record outside the regular cadence (e.g. a k-NN evaluation)."""
         record = {"step": step, **record}
         self._write(record)
-        self._bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        if not self._bar.disable:  # tqdm.write prints even for a disabled bar
+            self._bar.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
     def _write(self, record: dict[str, Any]) -> None:
         """One JSONL line, and every numeric field as a TensorBoard scalar at the record's step."""

@@ -77,6 +77,9 @@ class Trainer:
         if config.optim.batch_size % self.world.size:
             raise ConfigError(f"optim.batch_size = {config.optim.batch_size} (the global batch) must be "
                               f"divisible by the number of processes, {self.world.size}")
+        if config.classifier.sampling == "full" and self.world.size > 1:
+            raise ConfigError("classifier.sampling = full is the 1-process reference; a distributed run "
+                              "needs classifier.sampling = recent")
         if config.model.sync_bn and self.world.size > 1 and self.device.type != "cuda":
             raise ConfigError("model.sync_bn needs CUDA devices (SyncBatchNorm); on CPU use per-process "
                               "BatchNorm (model.sync_bn=false) or model.norm=group")
