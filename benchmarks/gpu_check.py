@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -284,6 +285,9 @@ class NoRows:
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         return z, torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
 
     def step(self, lr: float) -> None:
         """Nothing to update."""

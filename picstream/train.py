@@ -187,15 +187,15 @@ class Trainer:
         else:
             path, state = Path(resume), load_resume_checkpoint(resume)
         self._check_config(path, state)
+        if saved_world(state) != self.world.size and "{rank}" in self.store_url:
+            raise ConfigError(f"cannot resume {path} (saved by {saved_world(state)} processes) with "
+                              f"{self.world.size}: per-rank row stores ({self.store_url}) cannot be "
+                              "re-partitioned; resume with the same number of processes")
         if resume != "auto" and path.parent.resolve() == self.ckpt_dir.resolve():
             moved = retire_newer(self.ckpt_dir, int(state["step"]))
             if moved:
                 self._say(f"moved {len(moved)} newer checkpoint(s) aside to {moved[0].parent} "
                           "(kept, and never picked by --resume auto)")
-        if saved_world(state) != self.world.size and "{rank}" in self.store_url:
-            raise ConfigError(f"cannot resume {path} (saved by {saved_world(state)} processes) with "
-                              f"{self.world.size}: per-rank row stores ({self.store_url}) cannot be "
-                              "re-partitioned; resume with the same number of processes")
         return path
 
     def _check_config(self, path: Path, state: dict) -> None:
@@ -250,15 +250,18 @@ class Trainer:
             "num_instances": self.num_instances,
         }
 
-        def write_main() -> tuple[Path, Path]:
+        def write_main() -> tuple[Path, list[Path]]:
             path = save_checkpoint(self.ckpt_dir, step, state)
-            return path, prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)[0]
+            return path, prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)
 
-        path, oldest_kept = world.on_main(write_main)
-        try:
-            oldest = load_checkpoint(oldest_kept, mmap=True)
-            self.classifier.forget_before(classifier_states(oldest_kept, oldest, [world.rank])[0])
-        except (ValueError, IndexError) as err:  # unreadable: keep every undo log, lose no resume point
+        path, kept = world.on_main(write_main)
+        try:  # the oldest kept checkpoint of this world size (others cannot be resumed onto this store)
+            for oldest_kept in kept:
+                oldest = load_checkpoint(oldest_kept, mmap=True)
+                if saved_world(oldest) == world.size:
+                    self.classifier.forget_before(classifier_states(oldest_kept, oldest, [world.rank])[0])
+                    break
+        except ValueError as err:  # unreadable: keep every undo log rather than lose a resume point
             self._say(f"not pruning row-store history: {err}")
         return path
 
