@@ -97,15 +97,18 @@ def ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(shapes_shards, tmp_path_factory) -> dict:
-    """Uninterrupted runs with 1 and 2 processes."""
-    manifest = shapes_shards[0]
-    runs = {}
+def reference_dirs(shapes_shards, tmp_path_factory) -> dict:
+    """Uninterrupted runs with 1 and 2 processes: their run directories."""
+    dirs = {}
     for procs in (1, 2):
-        run_dir = tmp_path_factory.mktemp(f"ref{procs}")
-        ok(launch(procs, run_dir, manifest))
-        runs[procs] = final_state(run_dir)
-    return runs
+        dirs[procs] = tmp_path_factory.mktemp(f"ref{procs}")
+        ok(launch(procs, dirs[procs], shapes_shards[0]))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dirs) -> dict:
+    return {procs: final_state(run_dir) for procs, run_dir in reference_dirs.items()}
 
 
 def test_two_processes_equal_one(reference):
@@ -116,10 +119,9 @@ def test_two_processes_equal_one(reference):
     assert (reference[2]["stored"][2] > 0).sum() > 0  # rows were evicted and stored
 
 
-def test_rank_holds_only_its_rows(shapes_shards, tmp_path):
+def test_rank_holds_only_its_rows(reference_dirs):
     """Each rank's part file holds only rows its chunks own; its device table is ≈ K / 2 rows."""
-    run_dir = tmp_path / "run"
-    ok(launch(2, run_dir, shapes_shards[0]))
+    run_dir = reference_dirs[2]
     path = list_checkpoints(run_dir / "checkpoints")[-1]
     parts = classifier_states(path, load_checkpoint(path))
     for rank, part in enumerate(parts):
