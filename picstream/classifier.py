@@ -221,8 +221,9 @@ def store_url_of_rank(url: str, rank: int) -> str:
 
 def _prepare_store(url, num_rows, dim, *, fresh, run_id, seed, chunk_rows, dtype, opts) -> None:
     """Make sure a row store for this run exists at ``url``: fresh (``fresh``), or the existing one."""
+    opts = {**opts, "cache_rows": chunk_rows}  # opened only to check and create: one cache slot
     try:
-        store = RowStore.open(url, **{**opts, "cache_rows": chunk_rows})
+        store = RowStore.open(url, **opts)
     except StoreNotFound:
         store = None
     if store is not None:
@@ -235,7 +236,7 @@ def _prepare_store(url, num_rows, dim, *, fresh, run_id, seed, chunk_rows, dtype
             store = None
     if store is None:
         RowStore.create(url, num_rows, dim, seed=seed, chunk_rows=chunk_rows, dtype=dtype, run_id=run_id,
-                        **{**opts, "cache_rows": chunk_rows}).close(flush=False)
+                        **opts).close(flush=False)
 
 
 def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capacity: int = 65536,

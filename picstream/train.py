@@ -123,7 +123,7 @@ class Trainer:
         self.store_url = config.classifier.store or str(self.run_dir / "rowstore.zarr")
         self._locks = self._lock()
         self.run_id = self.world.on_main(self._run_id)
-        resumed = self.world.on_main(lambda: self._checkpoint_to_resume(resume))
+        resumed = self._pick_checkpoint(resume)
         cls = config.classifier
         self.classifier = build_classifier(
             self.num_instances, config.model.feature_dim, sampling=cls.sampling,
@@ -134,7 +134,7 @@ class Trainer:
                                          self.world.size),
             dtype=self.dtype, device=self.device, fresh=resumed is None, run_id=self.run_id,
             durable=config.train.durability == "power", world=self.world)
-        self.start_step = 0 if resumed is None else self._load(resumed)
+        self.start_step = 0 if resumed is None else self._load(*resumed)
         history = cls.recent_k / self.global_batch
         if cls.sampling == "recent" and history < RECENT_STEPS:
             self._say(f"note: classifier.recent_k = {cls.recent_k} holds {history:.3g} steps of negatives at "
@@ -167,7 +167,21 @@ class Trainer:
             replace_file(path, (json.dumps({"run_id": run_id}) + "\n").encode())
             return run_id
 
-    def _checkpoint_to_resume(self, resume: str) -> Optional[Path]:
+    def _pick_checkpoint(self, resume: str) -> Optional[tuple[Path, dict]]:
+        """``(path, state)`` of the checkpoint to continue from, or None: chosen on rank 0, which keeps
+        the state it loaded; the other ranks receive the path and load it."""
+        chosen: list[tuple[Path, dict]] = []
+
+        def choose() -> Optional[Path]:
+            found = self._checkpoint_to_resume(resume)
+            if found is not None:
+                chosen.append(found)
+            return None if found is None else found[0]
+
+        path = self.world.on_main(choose)
+        return None if path is None else (chosen[0] if chosen else (path, load_checkpoint(path)))
+
+    def _checkpoint_to_resume(self, resume: str) -> Optional[tuple[Path, dict]]:
         """The checkpoint this start continues from (None: a fresh start at step 0). Rank 0 only."""
         remove_stale_temporaries(self.ckpt_dir)
         store_exists = Path(store_url_of_rank(self.store_url, 0)).exists()
@@ -196,7 +210,7 @@ class Trainer:
             if moved:
                 self._say(f"moved {len(moved)} newer checkpoint(s) aside to {moved[0].parent} "
                           "(kept, and never picked by --resume auto)")
-        return path
+        return path, state
 
     def _check_config(self, path: Path, state: dict) -> None:
         """Refuse a resume whose config changes the training trajectory; report harmless changes."""
@@ -212,10 +226,9 @@ class Trainer:
         if accepted:
             self._say(f"resuming with changed settings: {'; '.join(accepted)}")
 
-    def _load(self, path: Path) -> int:
-        """Continue from checkpoint ``path``; one saved by another number of processes is first
-        re-partitioned onto this world and saved again at the same step."""
-        state = load_checkpoint(path)
+    def _load(self, path: Path, state: dict) -> int:
+        """Continue from checkpoint ``path`` (its loaded ``state``); one saved by another number of
+        processes is first re-partitioned onto this world and saved again at the same step."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -119,7 +119,8 @@ class RecentRows:
         w, u = self.log.advance(w, u, last, self.correction)
         free_rows = np.flatnonzero(self.slot_of_row < 0)
         if free_rows.size < ids.size:
-            self._allocate(min(self.capacity, max(2 * len(self.slot_of_row), len(self) + ids.size)))
+            size = len(self.slot_of_row)
+            self._allocate(min(self.capacity, max(2 * size, size - free_rows.size + ids.size)))
             free_rows = np.flatnonzero(self.slot_of_row < 0)
         rows = free_rows[:ids.size]
         idx = torch.from_numpy(rows).to(self.device)

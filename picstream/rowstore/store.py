@@ -408,7 +408,7 @@ class RowStore:
     def write(self, ids, w: np.ndarray, u: np.ndarray, last_step) -> None:
         """Store rows ``ids`` (distinct) as ``(w, u)`` valid at step ``last_step``."""
         ids = self._check_ids(ids)
-        if self.world > 1 and np.any((ids // self.chunk_rows) % self.world != self.rank):
+        if self.world > 1 and np.any(self.owner(ids) != self.rank):
             raise ValueError(f"rank {self.rank} of {self.world} may write only its own chunks")
         last_step = np.broadcast_to(np.asarray(last_step, dtype=np.int64), ids.shape)
         with self._cond:
@@ -509,17 +509,10 @@ class RowStore:
 
     def retire(self) -> None:
         """Drop this part's whole history and move its generation past every one a checkpoint holds
-        (the chunks stay as they are: another partition of the store takes them over)."""
+        (the chunks stay as they are: another partition of the store takes them over): a commit,
+        then a prune of every generation before it."""
         self._drain()
-        with self._cond:
-            self.flush()
-            new = self._next
-            self._io.put(self._undo(new) + "begun", b"")
-            self._write_head(new, new + 1)
-            self.generation, self._next, self._saved = new, new + 1, set()
-            for g in self.generations():
-                if g < new:
-                    self._drop(g)
+        self.prune(self.commit())
 
     def stored_step_counts(self) -> "Counter[int]":
         """How many of this part's rows the store holds at each last step > 0 (from the chunks'
