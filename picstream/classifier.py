@@ -1,29 +1,33 @@
 """The instance classifier: cosine (or plain) softmax logits over recent-K device rows or all N rows.
 
-``build_classifier`` is the trainer's only interface to classifier rows. Per step::
+:class:`InstanceClassifier` is the contract the trainer and the run's lifecycle hold a classifier to;
+``build_classifier`` / ``classifier_from_config`` make one. Per step::
 
-    logits, targets = clf.logits(z, ids)   # admits the batch's rows (recent) / all rows (full)
-    more = clf.view_logits(z2, detach_rows=True)   # optional: another view, the same rows
-    loss = clf.cross_entropy(logits, targets); loss.backward()
-    clf.step(lr)                           # SGD on the rows; the backbone has its own optimiser
+    loss = clf.loss([z, *extra_views], ids)   # admits the batch's rows once; every view scored
+    loss.backward()
+    clf.step(lr)                              # SGD on the rows; the backbone has its own optimiser
 
-In a distributed run (``world``), ``z`` and ``ids`` are this rank's block of the global batch: the
-features are all-gathered, every rank admits the global batch's IDs into the same slot table, holds
-only the rows its part of the row store owns, and ``cross_entropy`` is the softmax over all ranks'
-rows (:mod:`picstream.distributed`).
+``loss`` is built from ``logits`` (admission), ``view_logits`` (another view, the same rows) and
+``cross_entropy``. In a distributed run (``world``), ``z`` and ``ids`` are this rank's block of the
+global batch: the features are all-gathered, every rank admits the global batch's IDs into the same
+slot table, holds only the rows its part of the row store owns, and ``cross_entropy`` is the softmax
+over all ranks' rows (:mod:`picstream.distributed`).
 """
 from __future__ import annotations
 
 import atexit
 import shutil
 import tempfile
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import Config, ConfigError
 from .distributed import World, gather_features, sharded_cross_entropy
-from .rowstore import RecentRows, RowStore, StoreError, StoreNotFound, TransitionLog, init_rows
+from .lifecycle import PartitionedState
+from .rowstore import RecentRows, RowStore, StoreError, StoreNotFound, TransitionLog, init_rows, store_url_of_rank
 
 NORM_EPS = 1e-6
 
@@ -41,13 +45,54 @@ def _cosine_or_plain(z: torch.Tensor, w: torch.Tensor, loss: str, temperature: f
         return zn @ wn.t() / temperature
 
 
-class RecentClassifier:
+@runtime_checkable
+class InstanceClassifier(PartitionedState, Protocol):
+    """What the trainer and the run's lifecycle call on a classifier (both classifiers implement all
+    of it; :class:`PartitionedState` is the lifecycle's part: commit, load, re-partition, retire,
+    forget)."""
+
+    def loss(self, zs: list[torch.Tensor], ids) -> torch.Tensor: ...
+
+    def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor: ...
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self, lr: float) -> None: ...
+
+    def prefetch(self, start: int, stop: int) -> None: ...
+
+    def min_row_norm(self) -> float: ...
+
+    def device_bytes(self) -> int: ...
+
+    def close(self, flush: bool = True) -> None: ...
+
+
+class _MultiViewLoss:
+    """``loss``: the mean over views of the cross-entropy against the instance rows (multi-crop,
+    :mod:`picstream.multicrop`). The batch's rows are admitted once, by the main view's ``logits``;
+    the other views are scored against the same rows, detached when ``multi_crop_rows == 'main'``."""
+
+    multi_crop_rows = "main"
+
+    def loss(self, zs: list[torch.Tensor], ids) -> torch.Tensor:
+        """The PIC loss of one step: ``zs`` are the views' features, main view first."""
+        logits, targets = self.logits(zs[0], ids)
+        views = [logits] + [self.view_logits(z, detach_rows=self.multi_crop_rows == "main") for z in zs[1:]]
+        return torch.stack([self.cross_entropy(v, targets) for v in views]).mean()
+
+
+class RecentClassifier(_MultiViewLoss):
     """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`."""
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
                  momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None,
-                 storage_options=None, compact_min_steps: int = 1024, world: World | None = None):
-        self.store, self.loss, self.temperature = store, loss, temperature
+                 storage_options=None, compact_min_steps: int = 1024, world: World | None = None,
+                 multi_crop_rows: str = "main"):
+        self.store, self.loss_kind, self.temperature = store, loss, temperature
+        self.multi_crop_rows = multi_crop_rows
         self.store_url, self.storage_options = store_url, storage_options
         self.world = world or World()
         self.log = TransitionLog(momentum, weight_decay)
@@ -67,7 +112,7 @@ class RecentClassifier:
         if self._leaf is None:
             raise RuntimeError("view_logits needs a logits() call earlier in the same step")
         rows = self._leaf.detach() if detach_rows else self._leaf
-        out = _cosine_or_plain(gather_features(z, self.world), rows, self.loss, self.temperature)
+        out = _cosine_or_plain(gather_features(z, self.world), rows, self.loss_kind, self.temperature)
         return out.masked_fill(~self.rows.valid, float("-inf"))
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -92,8 +137,9 @@ class RecentClassifier:
     def prefetch(self, start: int, stop: int) -> None:
         self.store.prefetch(start, stop)
 
-    def checkpoint_state(self) -> dict:
-        """Device rows, transition log, and the store's identity and generation just committed."""
+    def commit_state(self) -> dict:
+        """Commit the row store; returns the device rows, the transition log, and the store's
+        identity and the generation just committed."""
         return {"sampling": "recent", "store_id": self.store.store_id, "generation": self.store.commit(),
                 "part": [self.store.rank, self.store.world], "rows": self.rows.state_dict(),
                 "log": self.log.state_dict()}
@@ -107,7 +153,7 @@ class RecentClassifier:
             raise StoreError(f"row store {self.store_url} (id {self.store.store_id}) is not the one the "
                              f"checkpoint was saved with (id {state.get('store_id')})")
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> None:
         """Return the store to the checkpoint's generation (refused when it is another store)."""
         self._check_store(state)
         self.store.restore(int(state["generation"]))
@@ -122,7 +168,7 @@ class RecentClassifier:
         """Continue from the classifier states of a checkpoint of ``len(states)`` ranks in a world of
         another size, on one shared store: every old part returns to its generation (old part ``o`` by
         rank ``o mod world``), this rank's part starts afresh, and the resident rows are re-partitioned.
-        Every rank calls it; the caller then saves a checkpoint and calls ``retire_other_parts``."""
+        Every rank calls it; the lifecycle then saves a checkpoint and calls ``retire_other_parts``."""
         for state in states:
             self._check_store(state)
         for o in range(self.world.rank, len(states), self.world.size):
@@ -149,17 +195,17 @@ class RecentClassifier:
         self.store.close(flush)
 
 
-class FullClassifier:
+class FullClassifier(_MultiViewLoss):
     """The reference: a dense N-row parameter over all rows with stock ``torch.optim.SGD``."""
 
     def __init__(self, num_rows: int, dim: int, *, loss: str, temperature: float, momentum: float,
-                 weight_decay: float, seed: int, device, dtype):
+                 weight_decay: float, seed: int, device, dtype, multi_crop_rows: str = "main"):
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         init = torch.from_numpy(init_rows(seed, np.arange(num_rows), dim, np_dtype))
         self.weight = torch.nn.Parameter(init.to(device))
         self.optimizer = torch.optim.SGD([self.weight], lr=0.0, momentum=momentum,
                                          weight_decay=weight_decay)
-        self.loss, self.temperature = loss, temperature
+        self.loss_kind, self.temperature, self.multi_crop_rows = loss, temperature, multi_crop_rows
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×N logits, targets = ids)``."""
@@ -169,7 +215,7 @@ class FullClassifier:
     def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
         """Logits of another view over all rows; ``detach_rows``: no gradient reaches the rows."""
         rows = self.weight.detach() if detach_rows else self.weight
-        return _cosine_or_plain(z, rows, self.loss, self.temperature)
+        return _cosine_or_plain(z, rows, self.loss_kind, self.temperature)
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
@@ -190,18 +236,27 @@ class FullClassifier:
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch: every row is resident."""
 
-    def checkpoint_state(self) -> dict:
+    def commit_state(self) -> dict:
+        """Every row and its momentum (there is no store to commit)."""
         buf = self.optimizer.state.get(self.weight, {}).get("momentum_buffer")
         return {"sampling": "full", "weight": self.weight.detach().cpu(),
                 "momentum": torch.zeros_like(self.weight, device="cpu") if buf is None else buf.cpu()}
 
-    def forget_before(self, state: dict) -> None:
-        """Nothing to forget: the checkpoint holds every row."""
-
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> None:
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum"].to(self.weight)
+
+    def load_resized(self, states: list[dict]) -> None:
+        """Refused: only a 1-process run samples every row (and so only one saves such a state)."""
+        raise ConfigError(f"classifier.sampling = full cannot continue a checkpoint of {len(states)} "
+                          "processes: resume it with the number of processes that saved it")
+
+    def retire_other_parts(self) -> None:
+        """Nothing to retire: the rows have no store."""
+
+    def forget_before(self, state: dict) -> None:
+        """Nothing to forget: the checkpoint holds every row."""
 
     def close(self, flush: bool = True) -> None:
         """Nothing to release."""
@@ -211,12 +266,6 @@ def _temporary_store_url() -> str:
     path = tempfile.mkdtemp(prefix="picstream-rows-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path + "/rows.zarr"
-
-
-def store_url_of_rank(url: str, rank: int) -> str:
-    """A per-rank row store URL (``classifier.store`` with ``{rank}``, e.g. node-local disks), or the
-    one store all ranks share."""
-    return url.format(rank=rank) if "{rank}" in url else url
 
 
 def _prepare_store(url, num_rows, dim, *, fresh, run_id, seed, chunk_rows, dtype, opts) -> None:
@@ -245,7 +294,8 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                      storage_options: dict | None = None, seed: int = 0, chunk_rows: int = 4096,
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
                      device="cpu", fresh: bool = False, run_id: str | None = None,
-                     durable: bool = False, compact_min_steps: int = 1024, world: World | None = None):
+                     durable: bool = False, compact_min_steps: int = 1024, world: World | None = None,
+                     multi_crop_rows: str = "main"):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
@@ -256,11 +306,15 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     In a distributed ``world`` each rank opens its part of the store (``store_url`` shared by all
     ranks, or per rank when it contains ``{rank}``); ``cache_rows`` is then per rank.
     ``sampling='full'`` is the dense reference over all N rows (one process only).
+    ``multi_crop_rows``: which views' gradients reach the rows (:meth:`_MultiViewLoss.loss`).
     """
     if loss not in ("cosine", "plain"):
         raise ValueError(f"unknown loss {loss!r}")
     world = world or World()
-    common = dict(loss=loss, temperature=temperature, momentum=momentum, weight_decay=weight_decay)
+    if multi_crop_rows not in ("main", "all"):
+        raise ValueError(f"multi_crop_rows must be 'main' or 'all', got {multi_crop_rows!r}")
+    common = dict(loss=loss, temperature=temperature, momentum=momentum, weight_decay=weight_decay,
+                  multi_crop_rows=multi_crop_rows)
     if sampling == "full":
         if world.size > 1:
             raise ValueError("classifier.sampling = full is the 1-process reference; use 'recent'")
@@ -283,3 +337,17 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     return RecentClassifier(store, min(capacity, num_rows), correction=correction, device=device,
                             dtype=dtype, store_url=url, storage_options=storage_options,
                             compact_min_steps=compact_min_steps, world=world, **common)
+
+
+def classifier_from_config(config: Config, num_rows: int, world: World, *, store_url: str, fresh: bool,
+                           run_id: str, cache_rows: int, dtype: torch.dtype, device) -> InstanceClassifier:
+    """The run's classifier over ``num_rows`` instances, from ``config.classifier`` (its rows' SGD
+    from ``config.optim``; its row store at ``store_url``, for run ``run_id``, fresh or continued)."""
+    cls = config.classifier
+    return build_classifier(
+        num_rows, config.model.feature_dim, sampling=cls.sampling, capacity=min(cls.recent_k, num_rows),
+        loss=cls.loss, temperature=cls.temperature, momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay, correction=cls.correction, store_url=store_url,
+        seed=config.run.seed, chunk_rows=cls.chunk_rows, cache_rows=cache_rows, dtype=dtype, device=device,
+        fresh=fresh, run_id=run_id, durable=config.train.durability == "power", world=world,
+        multi_crop_rows=cls.multi_crop_rows)

@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+GROUPS = 32  # GroupNorm's groups under model.norm = group
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (names the key and what is allowed)."""
 
@@ -328,6 +331,9 @@ def validate(config: Config) -> None:
         value = getattr(config.augment, f.name)
         if f.name.endswith("_p") and not 0 <= value <= 1:
             raise ConfigError(f"config key 'augment.{f.name}' must be in [0, 1], got {value}")
+    if config.model.norm == "group" and config.model.head_hidden % GROUPS:
+        raise ConfigError(f"config key 'model.head_hidden' must be a multiple of {GROUPS} with "
+                          f"model.norm = group (GroupNorm's {GROUPS} groups), got {config.model.head_hidden}")
     if config.schedule.stride > config.schedule.window:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:

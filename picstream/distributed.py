@@ -72,6 +72,12 @@ class World:
         return float(t)
 
 
+def speaks_for_job() -> bool:
+    """This process prints the job's one-line messages: rank 0 of a torchrun job, or a 1-process run
+    (read from torchrun's environment, so it holds before the process group exists and after it ends)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
     """Join the job torchrun started (NCCL on CUDA, gloo on CPU), or a 1-process world without it.
 

@@ -8,13 +8,11 @@ mean of the per-view losses; the small crops' logits use a detached classifier, 
 crop trains the rows. In picstream that is ``data.image_size=160``, ``data.crop_scale=[0.14, 1]``,
 ``data.multi_crop=[[96, 3, 0.08, 0.14]]``, ``classifier.multi_crop_rows=main`` (the default).
 ``multi_crop_rows=all`` lets every view's gradient reach the rows (summed, then divided by the
-number of views like the loss).
+number of views like the loss). The loss itself is the classifier's (``InstanceClassifier.loss``).
 """
 from __future__ import annotations
 
-import torch
-
-__all__ = ["loader_crops", "multi_view_loss"]
+__all__ = ["loader_crops"]
 
 
 def loader_crops(multi_crop: list[list[float]]) -> list[tuple]:
@@ -24,16 +22,3 @@ def loader_crops(multi_crop: list[list[float]]) -> list[tuple]:
         size, count = int(item[0]), int(item[1])
         crops.append((size, count, (item[2], item[3])) if len(item) == 4 else (size, count))
     return crops
-
-
-def multi_view_loss(classifier, zs: list[torch.Tensor], ids, rows_from: str = "main") -> torch.Tensor:
-    """Mean over the views ``zs`` (main view first) of the cross-entropy against the instance rows.
-
-    The batch's rows are admitted once (by the main view's ``logits`` call); every other view is
-    scored against the same rows, detached when ``rows_from == "main"``. One view: the plain PIC loss.
-    """
-    if rows_from not in ("main", "all"):
-        raise ValueError(f"rows_from must be 'main' or 'all', got {rows_from!r}")
-    logits, targets = classifier.logits(zs[0], ids)
-    views = [logits] + [classifier.view_logits(z, detach_rows=rows_from == "main") for z in zs[1:]]
-    return torch.stack([classifier.cross_entropy(v, targets) for v in views]).mean()

@@ -110,12 +110,33 @@ class SlidingWindowScheduler:
         start, stop = self.window_range(k)
         return _shard_span(start, stop, self.num_instances, shard_size)
 
-    def shards_of_next_stride(self, k: int, shard_size: int) -> np.ndarray:
-        """Shards that window ``k + 1`` adds to window ``k`` (what to prefetch during window ``k``)."""
+    def rows_of_next_stride(self, k: int) -> tuple[int, int]:
+        """The IDs that window ``k + 1`` adds to window ``k``, as ``(start, stop)``: reduce mod N
+        (all N IDs when ``W = N``: every window is then a fresh shuffle of them)."""
         _, stop = self.window_range(k)
+        return stop, stop + self.stride
+
+    def shards_of_next_stride(self, k: int, shard_size: int) -> np.ndarray:
+        """Shards that window ``k + 1`` adds to window ``k`` (what to prefetch during window ``k``;
+        none when ``W = N``: every shard is in every window)."""
         if self.window == self.num_instances:
             return np.empty(0, dtype=np.int64)
-        return _shard_span(stop, stop + self.stride, self.num_instances, shard_size)
+        return _shard_span(*self.rows_of_next_stride(k), self.num_instances, shard_size)
+
+    def rows_to_prefetch(self, step: int, batch_size: int) -> tuple[int, int] | None:
+        """``(start, stop)`` of the IDs the next window adds when global batch ``step`` (of
+        ``batch_size``) is the first to start in a window, else None: what the row store reads ahead."""
+        first = step * batch_size
+        if first % self.window >= batch_size:
+            return None
+        return self.rows_of_next_stride(self.window_of(first))
+
+    def host_cache_rows(self, chunk_rows: int, world: int = 1) -> int:
+        """The row store's host cache a window needs, in whole chunks of ``chunk_rows``: a window (and
+        the next stride) that does not start on a chunk boundary spans one chunk more than its rows
+        fill; a rank of ``world`` holds every world-th of those chunks."""
+        chunks = -(-self.window // chunk_rows) + -(-self.stride // chunk_rows) + 2
+        return -(-chunks // world) * chunk_rows
 
     # -- the stream --------------------------------------------------------------------------
     def ids_at(self, start: int, stop: int) -> np.ndarray:

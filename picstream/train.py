@@ -2,45 +2,37 @@
 
 Under ``torchrun`` every rank runs this same program on its block of each global batch; what is
 distributed lives in :mod:`picstream.distributed` (the model wrapper, the feature gather and the
-sharded softmax) and in the row store's parts; decisions about the run directory (lock, run id,
-which checkpoint) are taken on rank 0 and broadcast.
+sharded softmax) and in the row store's parts; the run directory (lock, run id, which checkpoint,
+saving and resuming every part of the state) is :mod:`picstream.lifecycle`'s.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
-import json
 import math
 import os
 import sys
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 
-from .checkpoint import (classifier_states, latest_valid_checkpoint, list_checkpoints, load_checkpoint,
-                         prune_checkpoints, remove_stale_temporaries, retire_newer, save_checkpoint,
-                         saved_world)
-from .classifier import build_classifier, store_url_of_rank
-from .config import Config, ConfigError, config_changes, config_from_dict, load_config
+from .classifier import classifier_from_config
+from .config import Config, ConfigError, load_config
 from .device import resolve_device
-from .distributed import World, close_world, init_world, parallelize
+from .distributed import World, close_world, init_world, parallelize, speaks_for_job
 from .evaluate import extract_splits, knn_classify
-from .iopoints import replace_file
+from .lifecycle import RunLifecycle, TorchRNG, load_resume_checkpoint
 from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
-from .multicrop import loader_crops, multi_view_loss
-from .rowstore import StoreError, window_cache_rows
-from .runlock import RunLock
+from .rowstore import StoreError
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardsError
-from .train_data import open_train_set, train_loader
+from .train_data import open_train_set, train_loader_from_config
 
 
 RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
@@ -60,8 +52,42 @@ def build_scheduler(config: Config, num_instances: int):
                                   config.run.seed)
 
 
+def check_world(config: Config, world: World, device: torch.device) -> None:
+    """Refuse, in one line, what this config cannot do on this world and device."""
+    if config.optim.batch_size % world.size:
+        raise ConfigError(f"optim.batch_size = {config.optim.batch_size} (the global batch) must be "
+                          f"divisible by the number of processes, {world.size}")
+    if config.model.norm == "batch" and config.optim.batch_size // world.size < 2:
+        raise ConfigError(f"optim.batch_size = {config.optim.batch_size} leaves {config.optim.batch_size // world.size} "
+                          f"image per process: BatchNorm needs at least 2 (a larger batch, or model.norm=group)")
+    if config.classifier.sampling == "full" and world.size > 1:
+        raise ConfigError("classifier.sampling = full is the 1-process reference; a distributed run "
+                          "needs classifier.sampling = recent")
+    if config.model.sync_bn and world.size > 1 and device.type != "cuda":
+        raise ConfigError("model.sync_bn needs CUDA devices (SyncBatchNorm); on CPU use per-process "
+                          "BatchNorm (model.sync_bn=false) or model.norm=group")
+
+
+def recent_k_note(config: Config, num_instances: int) -> Optional[str]:
+    """A note when the recent set holds fewer steps of negatives than the paper's K/B (none when K
+    already covers the corpus, and never advising more rows than it has)."""
+    cls, batch = config.classifier, config.optim.batch_size
+    advised = min(RECENT_STEPS * batch, num_instances)
+    if cls.sampling != "recent" or cls.recent_k >= advised:
+        return None
+    return (f"note: classifier.recent_k = {cls.recent_k} holds {cls.recent_k / batch:.3g} steps of "
+            f"negatives at global batch {batch}; the paper keeps K/B = {RECENT_STEPS} (K = 65536 at "
+            f"512): consider recent_k = {advised}"
+            + (" (every instance of the corpus)" if advised == num_instances else ""))
+
+
+class Diverged(RuntimeError):
+    """The loss became non-finite: the run stops before anything of that step is saved."""
+
+
 class Trainer:
-    """Owns one run: model, optimizers, classifier rows, data stream, checkpoints and metrics."""
+    """One process's run: the loop and the step over model, optimiser, classifier rows and data
+    stream; the run's lifecycle (``self.lifecycle``) saves and restores their state."""
 
     def __init__(self, config: Config, *, resume: str = "auto", show_progress: bool = True,
                  num_instances: Optional[int] = None, world: Optional[World] = None):
@@ -70,19 +96,10 @@ class Trainer:
         process's rank (default: from torchrun's environment, or a 1-process run)."""
         self.config = config
         self.run_dir = Path(config.run.output_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = resolve_device(config.run.device)
         self.world = world or init_world(self.device, config.train.dist_timeout_s)
         self.show_progress = show_progress and self.world.is_main
-        if config.optim.batch_size % self.world.size:
-            raise ConfigError(f"optim.batch_size = {config.optim.batch_size} (the global batch) must be "
-                              f"divisible by the number of processes, {self.world.size}")
-        if config.classifier.sampling == "full" and self.world.size > 1:
-            raise ConfigError("classifier.sampling = full is the 1-process reference; a distributed run "
-                              "needs classifier.sampling = recent")
-        if config.model.sync_bn and self.world.size > 1 and self.device.type != "cuda":
-            raise ConfigError("model.sync_bn needs CUDA devices (SyncBatchNorm); on CPU use per-process "
-                              "BatchNorm (model.sync_bn=false) or model.norm=group")
+        check_world(config, self.world, self.device)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # leave the loader workers their cores: oversubscribed OpenMP threads spin and crawl
             per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -110,180 +127,33 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
                                          momentum=optim.momentum, weight_decay=optim.weight_decay)
-        aug = config.augment
-        self.augment = PhotometricAugment(
-            brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
-            jitter_p=aug.jitter_p, gray_p=aug.gray_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p,
-            block=(self.world.rank, self.world.size))
+        self.augment = PhotometricAugment.from_config(config.augment, self.world)
         self.amp = (self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
                     and self.dtype == torch.float32)
         # Without an accelerator the colour augmentation runs in the loader's CPU workers.
         self._augment_in_workers = self.device.type == "cpu" and config.data.workers > 0
 
-        self.store_url = config.classifier.store or str(self.run_dir / "rowstore.zarr")
-        self._locks = self._lock()
-        self.run_id = self.world.on_main(self._run_id)
-        resumed = self._pick_checkpoint(resume)
-        cls = config.classifier
-        self.classifier = build_classifier(
-            self.num_instances, config.model.feature_dim, sampling=cls.sampling,
-            capacity=min(cls.recent_k, self.num_instances), loss=cls.loss, temperature=cls.temperature,
-            momentum=optim.momentum, weight_decay=optim.weight_decay, correction=cls.correction,
-            store_url=self.store_url, seed=config.run.seed, chunk_rows=cls.chunk_rows,
-            cache_rows=window_cache_rows(self.scheduler.window, self.scheduler.stride, cls.chunk_rows,
-                                         self.world.size),
-            dtype=self.dtype, device=self.device, fresh=resumed is None, run_id=self.run_id,
-            durable=config.train.durability == "power", world=self.world)
-        self.start_step = 0 if resumed is None else self._load(*resumed)
-        history = cls.recent_k / self.global_batch
-        if cls.sampling == "recent" and history < RECENT_STEPS:
-            self._say(f"note: classifier.recent_k = {cls.recent_k} holds {history:.3g} steps of negatives at "
-                      f"global batch {self.global_batch}; the paper keeps K/B = {RECENT_STEPS} "
-                      f"(K = 65536 at 512): consider recent_k = {RECENT_STEPS * self.global_batch}")
-
-    # ------------------------------------------------------------------ run identity and resume
-    def _lock(self) -> list[RunLock]:
-        """One trainer per run directory, and per row store when the store lives elsewhere (rank 0
-        holds them; each rank its own per-rank store)."""
-        locks = []
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            locks.append(RunLock(self.run_dir / ".lock", f"run directory {self.run_dir}"))
-        own_store = "{rank}" in self.store_url
-        store = Path(store_url_of_rank(self.store_url, self.world.rank))
-        if ((own_store or self.world.is_main) and "://" not in self.store_url
-                and store.parent.resolve() != self.run_dir.resolve()):
-            store.parent.mkdir(parents=True, exist_ok=True)
-            locks.append(RunLock(store.with_name(store.name + ".lock"), f"row store {store}"))
-        return locks
-
-    def _run_id(self) -> str:
-        """This run's identity (``run.json``), recorded in its row store and its checkpoints."""
-        path = self.run_dir / "run.json"
-        try:
-            return json.loads(path.read_text())["run_id"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            run_id = uuid.uuid4().hex
-            replace_file(path, (json.dumps({"run_id": run_id}) + "\n").encode())
-            return run_id
-
-    def _pick_checkpoint(self, resume: str) -> Optional[tuple[Path, dict]]:
-        """``(path, state)`` of the checkpoint to continue from, or None: chosen on rank 0, which keeps
-        the state it loaded; the other ranks receive the path and load it."""
-        chosen: list[tuple[Path, dict]] = []
-
-        def choose() -> Optional[Path]:
-            found = self._checkpoint_to_resume(resume)
-            if found is not None:
-                chosen.append(found)
-            return None if found is None else found[0]
-
-        path = self.world.on_main(choose)
-        return None if path is None else (chosen[0] if chosen else (path, load_checkpoint(path)))
-
-    def _checkpoint_to_resume(self, resume: str) -> Optional[tuple[Path, dict]]:
-        """The checkpoint this start continues from (None: a fresh start at step 0). Rank 0 only."""
-        remove_stale_temporaries(self.ckpt_dir)
-        store_exists = Path(store_url_of_rank(self.store_url, 0)).exists()
-        if resume == "none":
-            if list_checkpoints(self.ckpt_dir) or store_exists:
-                raise ConfigError(f"{self.run_dir} already holds a run (checkpoints or a row store); "
-                                  "continue it with --resume auto, or start a new run in another "
-                                  "run.output_dir")
-            return None
-        if resume == "auto":
-            found = latest_valid_checkpoint(self.ckpt_dir, log=self._say)
-            if found is None:
-                if store_exists:
-                    self._say(f"no valid checkpoint in {self.ckpt_dir}: starting at step 0 with fresh rows")
-                return None
-            path, state = found
-        else:
-            path, state = Path(resume), load_resume_checkpoint(resume)
-        self._check_config(path, state)
-        if saved_world(state) != self.world.size and "{rank}" in self.store_url:
-            raise ConfigError(f"cannot resume {path} (saved by {saved_world(state)} processes) with "
-                              f"{self.world.size}: per-rank row stores ({self.store_url}) cannot be "
-                              "re-partitioned; resume with the same number of processes")
-        if resume != "auto" and path.parent.resolve() == self.ckpt_dir.resolve():
-            moved = retire_newer(self.ckpt_dir, int(state["step"]))
-            if moved:
-                self._say(f"moved {len(moved)} newer checkpoint(s) aside to {moved[0].parent} "
-                          "(kept, and never picked by --resume auto)")
-        return path, state
-
-    def _check_config(self, path: Path, state: dict) -> None:
-        """Refuse a resume whose config changes the training trajectory; report harmless changes."""
-        try:
-            saved = config_from_dict(yaml.safe_load(state["config"]))
-        except ConfigError as err:
-            raise ConfigError(f"cannot resume {path}: its saved config is not valid here ({err})") from None
-        refused, accepted = config_changes(saved, self.config)
-        if refused:
-            raise ConfigError(f"cannot resume {path} with a changed config ({'; '.join(refused)}): these "
-                              "change the training trajectory; restore them, or start a new run in "
-                              "another run.output_dir")
-        if accepted:
-            self._say(f"resuming with changed settings: {'; '.join(accepted)}")
-
-    def _load(self, path: Path, state: dict) -> int:
-        """Continue from checkpoint ``path`` (its loaded ``state``); one saved by another number of
-        processes is first re-partitioned onto this world and saved again at the same step."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, saved = int(state["step"]), saved_world(state)
-        if saved == self.world.size:
-            self.classifier.load_checkpoint_state(classifier_states(path, state, [self.world.rank])[0])
-        else:
-            self.classifier.load_resized(classifier_states(path, state))
-            self.save_checkpoint(step)
-            self._say(f"re-partitioned the classifier rows of {saved} processes onto {self.world.size}")
-        self.classifier.retire_other_parts()
-        self._say(f"resumed from {path} at step {step}")
-        return step
-
-    def save_checkpoint(self, step: int) -> Path:
-        """Checkpoint after `step` completed steps (the row store is committed first). In a
-        distributed run every rank writes its classifier part, then rank 0 the main file."""
-        world = self.world
-        classifier = self.classifier.checkpoint_state()
-        if world.size > 1:
-            save_checkpoint(self.ckpt_dir, step, classifier, part=(world.rank, world.size))
-            world.barrier()
-            classifier = {"parts": world.size}
-        state = {
-            "config": self.config.to_yaml(),
-            "run_id": self.run_id,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "classifier": classifier,
-            "torch_rng": torch.get_rng_state(),
-            "total_steps": self.total_steps,
-            "num_instances": self.num_instances,
-        }
-
-        def write_main() -> tuple[Path, list[Path]]:
-            path = save_checkpoint(self.ckpt_dir, step, state)
-            return path, prune_checkpoints(self.ckpt_dir, self.config.train.keep_checkpoints)
-
-        path, kept = world.on_main(write_main)
-        try:  # the oldest kept checkpoint of this world size (others cannot be resumed onto this store)
-            for oldest_kept in kept:
-                oldest = load_checkpoint(oldest_kept, mmap=True)
-                if saved_world(oldest) == world.size:
-                    self.classifier.forget_before(classifier_states(oldest_kept, oldest, [world.rank])[0])
-                    break
-        except ValueError as err:  # unreadable: keep every undo log rather than lose a resume point
-            self._say(f"not pruning row-store history: {err}")
-        return path
+        self.lifecycle = RunLifecycle(config, self.world, resume=resume, say=self._say,
+                                      info={"total_steps": self.total_steps,
+                                            "num_instances": self.num_instances})
+        self.classifier = classifier_from_config(
+            config, self.num_instances, self.world, store_url=self.lifecycle.store_url,
+            fresh=self.lifecycle.fresh, run_id=self.lifecycle.run_id,
+            cache_rows=self.scheduler.host_cache_rows(config.classifier.chunk_rows, self.world.size),
+            dtype=self.dtype, device=self.device)
+        for name, part in (("model", self.model), ("optimizer", self.optimizer),
+                           ("torch_rng", TorchRNG()), ("classifier", self.classifier)):
+            self.lifecycle.register(name, part)
+        self.start_step = self.lifecycle.resume()
+        note = recent_k_note(config, self.num_instances)
+        if note:
+            self._say(note)
 
     def close(self) -> None:
-        """Release the row store (nothing to write: the last checkpoint committed it), the locks and
-        the process group."""
+        """Release the row store (nothing to write: the last checkpoint committed it), the run's
+        locks and the process group."""
         self.classifier.close(flush=False)
-        for lock in self._locks:
-            lock.release()
+        self.lifecycle.close()
         close_world(self.world)
 
     # ------------------------------------------------------------------ the step
@@ -304,8 +174,7 @@ class Trainer:
                     else contextlib.nullcontext())
         with autocast:
             zs = [self.forward(x) for x in views]
-        loss = multi_view_loss(self.classifier, [z.to(self.dtype) for z in zs], ids,
-                               self.config.classifier.multi_crop_rows)
+        loss = self.classifier.loss([z.to(self.dtype) for z in zs], ids)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -352,7 +221,7 @@ class Trainer:
                 done = step + 1
                 checkpoint = done % config.train.checkpoint_every == 0 or done == self.total_steps
                 if checkpoint or done % config.train.log_every == 0:
-                    result["loss"] = finite_loss(result["loss"], step)
+                    result["loss"] = self.finite_loss(result["loss"], step)
                 if done % config.train.log_every == 0 or done == self.total_steps:
                     last = metrics.log(step, {
                         **result,
@@ -367,7 +236,7 @@ class Trainer:
                 if config.monitor.every_steps and done % config.monitor.every_steps == 0:
                     metrics.event(step, {"knn_top1": self.world.on_main(self.knn_monitor)["top1"]})
                 if checkpoint:
-                    self.save_checkpoint(done)
+                    self.lifecycle.save(done)
         finally:
             loader.close()
             metrics.close()
@@ -376,26 +245,27 @@ class Trainer:
     def make_loader(self):
         """The training stream from `start_step` to `total_steps`: WindowLoader on shards, BetonLoader on a
         .beton (`train_data`); colour augmentation in the loader's workers when there is no accelerator."""
-        config = self.config
-        return train_loader(
-            self.shards, self.scheduler, self.global_batch // self.world.size,
-            rank=self.world.rank, world_size=self.world.size, image_size=config.data.image_size,
-            crop_scale=tuple(config.data.crop_scale), multi_crop=loader_crops(config.data.multi_crop),
-            workers=config.data.workers,
-            start_step=self.start_step, num_steps=self.total_steps - self.start_step,
-            seed=config.run.seed, cache_dir=config.data.cache_dir,
-            cache_bytes=int(config.data.cache_gb * 2**30),
+        return train_loader_from_config(
+            self.config, self.shards, self.scheduler, self.world, start_step=self.start_step,
+            num_steps=self.total_steps - self.start_step,
             augment=self.augment if self._augment_in_workers else None)
 
     def prefetch_rows(self, step: int) -> None:
-        """When a batch starts a new window, ask the row store to load the next window's new rows."""
-        window, stride = self.scheduler.window, self.scheduler.stride
-        first = step * self.global_batch
-        if first % window >= self.global_batch:
-            return
-        k = first // window + 1
-        start = k * stride + window - stride  # the rows window k adds; the store wraps mod N
-        self.classifier.prefetch(start, start + stride)
+        """When a batch starts a new window, ask the row store to read the next window's new rows."""
+        rows = self.scheduler.rows_to_prefetch(step, self.global_batch)
+        if rows is not None:
+            self.classifier.prefetch(*rows)
+
+    def finite_loss(self, loss: torch.Tensor, step: int) -> float:
+        """The loss as a number (waits for the device); a non-finite one stops the run before that
+        step is logged or checkpointed, naming the last good checkpoint."""
+        value = float(loss)
+        if not math.isfinite(value):
+            last = self.lifecycle.last_saved
+            raise Diverged(f"the loss is {value} at step {step}; the last good checkpoint is "
+                           + (f"{last}: lower optim.base_lr (or fix the data) and resume it with "
+                              f"--resume {last}" if last else "none (no checkpoint was saved yet)"))
+        return value
 
     def knn_monitor(self) -> dict[str, float]:
         mon = self.config.monitor
@@ -417,26 +287,7 @@ class Trainer:
 
 
 STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
-
-
-def finite_loss(loss: torch.Tensor, step: int) -> float:
-    """The loss as a number (waits for the device); a non-finite one stops the run before it is
-    logged or checkpointed."""
-    value = float(loss)
-    if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at step {step}")
-    return value
-
-
-def load_resume_checkpoint(resume: str, mmap: bool = False) -> dict:
-    """The checkpoint file that `--resume` names, or one `ConfigError` line."""
-    if not Path(resume).is_file():
-        raise ConfigError(f"--resume: no checkpoint file at {resume} (use 'auto', 'none' or a "
-                          "ckpt-*.pt path)")
-    try:
-        return load_checkpoint(Path(resume), mmap=mmap)
-    except ValueError as err:
-        raise ConfigError(f"--resume: {err}") from None
+DIVERGED_EXIT = 3  # the loss became non-finite (README, "What survives a crash")
 
 
 def _check_output_dir(run_dir: Path) -> None:
@@ -467,9 +318,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         finally:
             trainer.close()
     except (ConfigError, ShardsError, StoreError) as err:
-        if os.environ.get("RANK", "0") == "0" or not isinstance(err, ConfigError):  # one line per job
+        if speaks_for_job() or not isinstance(err, ConfigError):  # one line per job
             print(f"picstream-train: error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:  # every rank sees the same global loss
+        if speaks_for_job():
+            print(f"picstream-train: error: {err}", file=sys.stderr)
+        return DIVERGED_EXIT
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise
@@ -477,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "fix the device), then rerun the same command: it resumes from the last checkpoint",
               file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") == "0":
+    if speaks_for_job():
         print(f"picstream-train: done: {result}")
     return 0
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from .beton import BetonSet, is_beton
+from .config import Config
+from .distributed import World
 from .loader import WindowLoader
+from .multicrop import loader_crops
 from .shards import ShardSet, ShardsError
 
 
@@ -27,3 +30,17 @@ def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache
         return BetonLoader(train_set, scheduler, batch_size, **kw)
     return WindowLoader(train_set, scheduler, batch_size, cache_dir=cache_dir, cache_bytes=cache_bytes,
                         augment=augment, **kw)
+
+
+def train_loader_from_config(config: Config, train_set, scheduler, world: World, *, start_step: int,
+                             num_steps: int, augment=None):
+    """``world``'s rank of the training stream from ``start_step`` for ``num_steps`` global batches
+    of ``config.optim.batch_size``, as ``config.data`` says; ``augment``: colour augmentation in the
+    loader's workers (None: the trainer does it)."""
+    data = config.data
+    return train_loader(
+        train_set, scheduler, config.optim.batch_size // world.size, rank=world.rank,
+        world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),
+        multi_crop=loader_crops(data.multi_crop), workers=data.workers, start_step=start_step,
+        num_steps=num_steps, seed=config.run.seed, cache_dir=data.cache_dir,
+        cache_bytes=int(data.cache_gb * 2**30), augment=augment)

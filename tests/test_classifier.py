@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from picstream.classifier import build_classifier
 from picstream.lr_schedule import warmup_cosine_lr
-from picstream.rowstore import init_rows, window_cache_rows
+from picstream.rowstore import init_rows
 from picstream.scheduler import SlidingWindowScheduler
 
 N, K, D, B = 2048, 256, 16, 32
@@ -127,7 +127,7 @@ def test_host_cache_sized_in_chunks_loads_each_chunk_about_once_per_sweep(tmp_pa
     n, window, stride, chunk = 6000, 1024, 256, 300
     sched = SlidingWindowScheduler(n, window, stride, seed=0)
     loads = {}
-    for name, cache_rows in (("rows", window + stride), ("chunks", window_cache_rows(window, stride, chunk))):
+    for name, cache_rows in (("rows", window + stride), ("chunks", sched.host_cache_rows(chunk))):
         clf = build_classifier(n, 8, capacity=512, store_url=str(tmp_path / name), chunk_rows=chunk,
                                cache_rows=cache_rows, dtype=torch.float64)
         for j in range(3 * n // 64):
@@ -196,7 +196,7 @@ def worker(store_url: str, ckpt: str, ready: str) -> None:
     torch.set_num_threads(1)
     clf = make(Path(store_url).parent, name=Path(store_url).name, compact_min_steps=1)
     train_steps(clf, range(COMMIT_AT))
-    torch.save(clf.checkpoint_state(), ckpt)
+    torch.save(clf.commit_state(), ckpt)
     train_steps(clf, range(COMMIT_AT, KILL_AFTER))
     clf.store.flush()
     Path(ready).write_text("ok")
@@ -219,12 +219,12 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
         proc.wait()
 
     resumed = make(tmp_path, name="killed", compact_min_steps=1)
-    resumed.load_checkpoint_state(torch.load(ckpt, weights_only=True))
+    resumed.load_state(torch.load(ckpt, weights_only=True))
     train_steps(resumed, range(COMMIT_AT, STEPS))
 
     straight = make(tmp_path, name="straight", compact_min_steps=1)
     train_steps(straight, range(COMMIT_AT))
-    straight.checkpoint_state()
+    straight.commit_state()
     train_steps(straight, range(COMMIT_AT, STEPS))
     for a, b in zip(resumed.rows.peek(np.arange(N)), straight.rows.peek(np.arange(N))):
         np.testing.assert_array_equal(a, b)

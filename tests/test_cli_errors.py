@@ -84,6 +84,21 @@ def test_bad_value(override, phrase, tmp_path, shapes_shards):
     assert_user_error(train_cmd(run_dir, shapes_shards[0], override), run_dir, phrase)
 
 
+# values that each pass alone but break a constructor together (found by trying them)
+COMBINATION_CASES = [
+    (("model.norm=group", "model.head_hidden=100"),
+     "config key 'model.head_hidden' must be a multiple of 32 with model.norm = group"),
+    (("optim.batch_size=1", "classifier.recent_k=16"),
+     "optim.batch_size = 1 leaves 1 image per process: BatchNorm needs at least 2"),
+]
+
+
+@pytest.mark.parametrize("overrides, phrase", COMBINATION_CASES, ids=[c[0][0] for c in COMBINATION_CASES])
+def test_bad_combination(overrides, phrase, tmp_path, shapes_shards):
+    run_dir = tmp_path / "run"
+    assert_user_error(train_cmd(run_dir, shapes_shards[0], *overrides), run_dir, phrase)
+
+
 def test_yaml_root_that_is_a_list(tmp_path, shapes_shards):
     config = tmp_path / "list.yaml"
     config.write_text("- run\n- data\n")

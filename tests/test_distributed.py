@@ -173,8 +173,8 @@ def test_global_batch_must_divide_by_the_processes(shapes_shards, tmp_path):
 
 
 def test_benchmark_quick_mode_runs():
-    """benchmarks/distributed.py --quick: both world sizes run and the table and RESULT line print."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--quick"],
+    """benchmarks/multi_process.py --quick: both world sizes run and the table and RESULT line print."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_process.py"), "--quick"],
                             capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]

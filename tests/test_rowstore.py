@@ -254,10 +254,6 @@ def test_recent_rows_admit_lru_and_write_back(tmp_path):
     with pytest.raises(ValueError):
         rows.admit(np.arange(10, 15))
     state = rows.state_dict()
-    peek = rows.peek(np.arange(100))
-    rows.write_back_all()
-    assert len(rows) == 0 and not rows.weight.any()
-    np.testing.assert_array_equal(rows.peek(np.arange(100))[0], peek[0])
     rows.load_state_dict(state)
     assert set(rows._slot_of) == {6, 7, 8, 9}
 

@@ -152,6 +152,15 @@ class PhotometricAugment:
         self.mean, self.std = tuple(mean), tuple(std)
         self.block = tuple(block)  # (rank, world): a batch is that block of a world × larger one
 
+    @classmethod
+    def from_config(cls, augment, world) -> "PhotometricAugment":
+        """From ``config.augment`` (:class:`picstream.config.AugmentConfig`), drawing the parameters of
+        ``world``'s rank block of every global batch."""
+        return cls(brightness=augment.brightness, contrast=augment.contrast,
+                   saturation=augment.saturation, hue=augment.hue, jitter_p=augment.jitter_p,
+                   gray_p=augment.gray_p, blur_p=augment.blur_p, solarize_p=augment.solarize_p,
+                   block=(world.rank, world.size))
+
     def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw every sample's parameters (13 uniforms per sample, on the generator's device); in
         block ``(r, R)``, rows ``r·batch …`` of the draw for the ``R·batch`` global batch."""

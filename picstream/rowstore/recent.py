@@ -87,17 +87,7 @@ class RecentRows:
         priority[keep] = np.iinfo(np.int64).max
         n = new_ids.size
         free = np.argpartition(priority, n - 1)[:n] if n < self.capacity else np.arange(n)
-        old, rows = self.slot_ids[free], self.row_of_slot[free]
-        for i in old[old >= 0].tolist():
-            del self._slot_of[i]
-        evict = rows >= 0
-        if evict.any():
-            idx = torch.from_numpy(rows[evict]).to(self.device)
-            w = self.weight.index_select(0, idx).cpu().numpy()
-            u = self.momentum.index_select(0, idx).cpu().numpy()
-            self._stored(old[evict], w, u)
-            self.valid.index_fill_(0, idx, False)
-            self.slot_of_row[rows[evict]] = -1
+        self._evict_and_write_back(free)
         self.row_of_slot[free] = -1
         self.slot_ids[free] = new_ids
         self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
@@ -105,6 +95,20 @@ class RecentRows:
         if mine.any():
             self._load(new_ids[mine], free[mine])
         return free
+
+    def _evict_and_write_back(self, slots: np.ndarray) -> None:
+        """Empty ``slots``: the rows this process holds there are written back to the store."""
+        old, rows = self.slot_ids[slots], self.row_of_slot[slots]
+        for i in old[old >= 0].tolist():
+            del self._slot_of[i]
+        evict = rows >= 0
+        if evict.any():
+            idx = torch.from_numpy(rows[evict]).to(self.device)
+            w = self.weight.index_select(0, idx).cpu().numpy()
+            u = self.momentum.index_select(0, idx).cpu().numpy()
+            self._write_back(old[evict], w, u)
+            self.valid.index_fill_(0, idx, False)
+            self.slot_of_row[rows[evict]] = -1
 
     def _load(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Read rows from the store, bring them to the current step and put them on the device."""
@@ -140,7 +144,7 @@ class RecentRows:
         self.log.append(lr)
         self._compact_log()
 
-    def _stored(self, ids: np.ndarray, w: np.ndarray, u: np.ndarray) -> None:
+    def _write_back(self, ids: np.ndarray, w: np.ndarray, u: np.ndarray) -> None:
         """Write rows back to the store, valid at the current step."""
         self.store.write(ids, w, u, self.log.num_steps)
         if self.log.num_steps > 0:
@@ -169,19 +173,6 @@ class RecentRows:
         w[res] = self.weight.index_select(0, idx).cpu().numpy()
         u[res] = self.momentum.index_select(0, idx).cpu().numpy()
         return w, u
-
-    def write_back_all(self) -> None:
-        """Write every row this process holds to the store and empty the table."""
-        held = np.flatnonzero(self.slot_of_row >= 0)
-        if held.size:
-            idx = torch.from_numpy(held).to(self.device)
-            self._stored(self.slot_ids[self.slot_of_row[held]], self.weight[idx].cpu().numpy(),
-                         self.momentum[idx].cpu().numpy())
-        for table in (self.weight, self.momentum, self.valid):
-            table.zero_()
-        for table in (self.slot_ids, self.last_visit, self.row_of_slot, self.slot_of_row):
-            table[:] = -1
-        self._slot_of.clear()
 
     def load_parts(self, states: list[dict]) -> None:
         """Take over this process's rows from the states of a run with ``len(states)`` ranks (or 1):

@@ -93,12 +93,10 @@ def _create_rows(group: zarr.Group, num_rows: int, dim: int, chunk_rows: int, dt
                            compressors=None, config=_ARRAY_CONFIG)
 
 
-def window_cache_rows(window: int, stride: int, chunk_rows: int, world: int = 1) -> int:
-    """The host cache a sliding window needs, in whole chunks: a window (and the next stride) that
-    does not start on a chunk boundary spans one chunk more than its rows fill; a rank of ``world``
-    holds every world-th of those chunks."""
-    chunks = -(-window // chunk_rows) + -(-stride // chunk_rows) + 2
-    return -(-chunks // world) * chunk_rows
+def store_url_of_rank(url: str, rank: int) -> str:
+    """A per-rank row store URL (``classifier.store`` with ``{rank}``, e.g. node-local disks), or the
+    one store all ranks share."""
+    return url.format(rank=rank) if "{rank}" in url else url
 
 
 def _remove_leftovers(path: str) -> None:

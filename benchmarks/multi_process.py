@@ -11,7 +11,7 @@ rank: classifier device memory and bytes sent through collectives per step.
 `tools/reproduce.py`: 250 images × 100 epochs, batch 126, BatchNorm per process) with 1 and 2 processes
 and compares their k-NN top-1 (~10 min on 2 cores).
 
-Usage: python benchmarks/distributed.py [--quick] [--learning [--data DIR_OR_ARCHIVE]]
+Usage: python benchmarks/multi_process.py [--quick] [--learning [--data DIR_OR_ARCHIVE]]
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ def worker(args) -> None:
     """One rank: time the parts of ``args.steps`` steps after ``args.warmup`` warm-up steps."""
     import torch.distributed as dist
 
-    from picstream.multicrop import multi_view_loss
     from picstream.scheduler import batch_positions
     from picstream.train import Trainer
 
@@ -62,7 +61,7 @@ def worker(args) -> None:
         marks = [time.perf_counter()]
         z = trainer.forward(trainer._view_input(step, 0, images))
         marks.append(time.perf_counter())
-        loss = multi_view_loss(clf, [z], ids)
+        loss = clf.loss([z], ids)
         marks.append(time.perf_counter())
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
