@@ -19,11 +19,12 @@ def open_train_set(url: str, *, seed: int = 0):
 
 
 def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache_bytes=None, augment=None,
-                 **kw):
-    """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache) and decodes in
-    threads of this process, so the colour augmentation stays with the trainer."""
+                 on_missing: str = "fail", **kw):
+    """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache, no shards to
+    miss) and decodes in threads of this process, so the colour augmentation stays with the trainer.
+    `on_missing` is `data.on_missing` (see `WindowLoader`)."""
     if isinstance(train_set, BetonSet):
         from .beton.loader import BetonLoader
         return BetonLoader(train_set, scheduler, batch_size, **kw)
     return WindowLoader(train_set, scheduler, batch_size, cache_dir=cache_dir, cache_bytes=cache_bytes,
-                        augment=augment, **kw)
+                        augment=augment, on_missing=on_missing, **kw)

@@ -193,7 +193,7 @@ def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
 
 def reindex(root, k: int, row: int, data: bytes) -> None:
     """Make row `row` of shard k's index (and the manifest's index sha256) accept `data`."""
-    from picstream.shards.format import sample_checksum, sha256_hex
+    from picstream.shards.format import manifest_bytes, sample_checksum, sha256_hex
 
     idx_path = root / f"shard-{k:06d}.idx"
     rows = np.fromfile(idx_path, dtype="<i8").reshape(-1, 4)
@@ -201,7 +201,7 @@ def reindex(root, k: int, row: int, data: bytes) -> None:
     idx_path.write_bytes(rows.tobytes())
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["shards"][k]["index_sha256"] = sha256_hex(rows.tobytes())
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "manifest.json").write_bytes(manifest_bytes(manifest))
 
 
 def test_len_and_validation(labelled):

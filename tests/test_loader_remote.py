@@ -144,7 +144,7 @@ def test_missing_shard_is_skipped_once_and_refilled(shard_dir, server, tmp_path)
     remote = ShardSet.open(srv.url + "/manifest.json")
     sched = SlidingWindowScheduler(len(remote), 32, 8, seed=0)   # window 0 = shards 0..3
     got = run(WindowLoader(remote, sched, 8, image_size=8, workers=0, num_steps=4,
-                           cache_dir=str(tmp_path / "c")))
+                           cache_dir=str(tmp_path / "c"), on_missing="skip"))
     assert all(len(b) == 8 for b in got)                      # every slot refilled
     assert {r for b in got for r in b.skip_reasons} == {"missing"}
     assert sum(b.skipped for b in got) >= 8
