@@ -43,6 +43,7 @@ __all__ = ["ShardReader", "SharedFlags", "cache_name", "is_local", "matches_reco
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
+_TAR, _INDEX = 1, 2  # what of a shard was found missing
 
 
 def cache_name(record: dict) -> str:
@@ -87,18 +88,19 @@ def _alive(pid: int) -> bool:
 
 
 class SharedFlags:
-    """``n`` booleans in an anonymous shared mapping: one set in any process is seen by every process
-    forked after the flags were made. A pickled copy starts cleared (shared with its own forks)."""
+    """``n`` small values (0..255, 0 at first) in an anonymous shared mapping: one set in any process is
+    seen by every process forked after the flags were made. A pickled copy starts cleared (shared
+    with its own forks)."""
 
     def __init__(self, n: int):
         self.n = n
         self._map = mmap.mmap(-1, max(n, 1))
 
-    def __getitem__(self, k: int) -> bool:
-        return self._map[k] != 0
+    def __getitem__(self, k: int) -> int:
+        return self._map[k]
 
-    def set(self, k: int) -> None:
-        self._map[k] = 1
+    def __setitem__(self, k: int, value: int) -> None:
+        self._map[k] = value
 
     def __getstate__(self):
         return {"n": self.n}
@@ -135,7 +137,7 @@ class ShardReader:
         self.max_open_files = max_open_files
         self.worker, self.num_workers = 0, 1
         self._protected: set[int] = set()
-        self._missing = SharedFlags(shardset.num_shards)  # shards found missing, across forks
+        self._missing = SharedFlags(shardset.num_shards)  # shard -> what of it is missing (_TAR, _INDEX)
         self._reset()
         if not self.local:
             removed = remove_stale_partials(cache_dir)
@@ -174,12 +176,8 @@ class ShardReader:
         self._check_pid()
         ss = self.shardset
         k, i = divmod(int(sample_id), ss.shard_size)
-        try:
-            offset, size, label = (int(v) for v in self._index(k)[i])
-            data = self.read(k, offset, size)
-        except MissingShard:
-            self._missing.set(k)
-            raise
+        offset, size, label = (int(v) for v in self._index(k)[i])
+        data = self.read(k, offset, size)
         try:
             return ss.check_sample(sample_id, data), label
         except DamagedData:
@@ -193,14 +191,24 @@ class ShardReader:
         if self._missing[k]:
             raise self._gone(k)
         if self.local or self.shardset.has_index(k):
-            return self.shardset.index(k)
+            return self._load_index(k)
         with self._locked(k):
             if self._missing[k]:
                 raise self._gone(k)
+            return self._load_index(k)
+
+    def _load_index(self, k: int):
+        try:
             return self.shardset.index(k)
+        except MissingShard:
+            self._missing[k] = _INDEX
+            raise self._gone(k) from None
 
     def _gone(self, k: int) -> MissingShard:
-        return MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)} (or its index)")
+        """The error of shard ``k``, found missing by this process or another one."""
+        if self._missing[k] == _INDEX:
+            return MissingShard(f"index of shard {k} is missing: {self.shardset.index_url(k)}")
+        return MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)}")
 
     def read(self, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard ``k`` (fetching the shard first when remote)."""
@@ -221,8 +229,8 @@ class ShardReader:
         try:
             return self._fd(path)
         except FileNotFoundError:
-            self._missing.set(k)
-            raise MissingShard(f"shard {k} is missing: {path}") from None
+            self._missing[k] = _TAR
+            raise self._gone(k) from None
 
     def _remote_fd(self, k: int) -> int:
         self._ensure(k)
@@ -332,7 +340,7 @@ class ShardReader:
         try:
             with self._locked(k):
                 if self._missing[k]:   # found missing by another process while this one waited
-                    raise FileNotFoundError(path)
+                    raise self._gone(k)
                 try:
                     if not os.path.exists(path):
                         self.shardset.remote_call(lambda: self._download(k, tmp, path),
@@ -341,8 +349,8 @@ class ShardReader:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
         except FileNotFoundError:
-            self._missing.set(k)
-            raise MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)}") from None
+            self._missing[k] = self._missing[k] or _TAR
+            raise self._gone(k) from None
         except OSError as err:
             self._failed[k] = err
             raise

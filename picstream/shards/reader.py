@@ -152,6 +152,9 @@ class ShardSet:
     def shard_url(self, k: int) -> str:
         return F.join(self.root, self._shards[k]["name"])
 
+    def index_url(self, k: int) -> str:
+        return F.join(self.root, self._shards[k]["index"])
+
     def remote_call(self, fn: Callable[[], T], *, what: str, kind: str) -> T:
         """``fn()`` under the retry policy when the shard set is remote; once when it is local."""
         if not self.remote:
@@ -201,7 +204,7 @@ class ShardSet:
         try:
             data = self.fs.cat_file(F.join(self.root, s["index"]))
         except FileNotFoundError:
-            raise MissingShard(f"index of shard {k} is missing: {F.join(self.root, s['index'])}") from None
+            raise MissingShard(f"index of shard {k} is missing: {self.index_url(k)}") from None
         if F.sha256_hex(data) != s["index_sha256"]:
             raise DamagedData(f"index of shard {k} ({s['index']}, {len(data)} bytes) does not match "
                                 "its sha256 in the manifest")
