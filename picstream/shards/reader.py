@@ -115,11 +115,12 @@ class ShardSet:
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {detail}") from None
         except OSError as err:
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {err}") from None
-        if isinstance(manifest, dict) and F.DIGEST_KEY not in manifest:
+        root = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
+        shardset = cls(root, manifest, storage_options, retry, stats)
+        if shardset.digest is None:
             log.warning("shard manifest %s has no digest (written by an older make_shards): its content "
                         "is unverified", manifest_url)
-        root = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
-        return cls(root, manifest, storage_options, retry, stats)
+        return shardset
 
     def __getstate__(self):
         return {**self.__dict__, "_fs": None, "_pid": None}
