@@ -16,9 +16,12 @@ from PIL import Image
 
 from picstream.loader import WindowLoader
 from picstream.scheduler import SlidingWindowScheduler
-from picstream.shards import ShardSet, make_shards
+from picstream.shards import ShardSet, ShardsError, make_shards
+from picstream.shards import records as R
 from picstream.shards.reader import DamagedManifest
 from picstream.shards.retry import RetryPolicy
+
+from test_shards_phases import flip, synthetic_set
 
 # A static file server in its own process that logs every GET and can fail requests:
 # argv = root, log file, number of 503 answers to give first for each .tar, file names to 404.
@@ -237,3 +240,21 @@ def test_a_damaged_remote_manifest_is_read_again_then_refused(shard_dir, tmp_pat
     assert str(err.value) == (f"shard manifest {srv.url}/manifest.json does not match its digest in 3 reads: "
                               "the copy there is damaged")
     assert requests_of(srv, "manifest.json") == 3
+
+
+def test_damaged_remote_records_are_read_again_then_refused(tmp_path):
+    """A v3 records file whose block table fails its sha256 on every read: read again under the retry
+    policy (header + table per try), then one ShardsError line naming it."""
+    root = tmp_path / "v3"
+    synthetic_set(root, 100)
+    flip(root / R.RECORDS_FILE, R.HEADER.size + 5)
+    srv = Server(root, tmp_path / "log")
+    try:
+        with pytest.raises(ShardsError) as err:
+            ShardSet.open(srv.url + "/manifest.json", retry=RetryPolicy(attempts=3, base=0.0))
+    finally:
+        srv.close()
+    assert str(err.value) == (f"shard records {srv.url}/{R.RECORDS_FILE}: reading the header and block table: "
+                              "3 tries failed, last: DamagedData: header and block table do not match their "
+                              "sha256 in the manifest")
+    assert requests_of(srv, R.RECORDS_FILE) == 6
