@@ -150,10 +150,8 @@ class _BatchMaker:
                     reasons[reason] += 1
                     sample_id = next(spares, None)
                     tried.add(sample_id)
-        except ShardsError as err:   # raised by the loader, in the process that iterates
-            empty = torch.empty(0, dtype=torch.int64)
-            return Batch(images=torch.empty(0, dtype=torch.uint8), ids=empty, labels=empty, step=step,
-                         positions=empty, error=str(err))
+        except ShardsError as err:
+            return _error_batch(step, err)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
         pick = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
         images = [pick(v).permute(0, 3, 1, 2) for v in views]      # (b,3,H,W), channels-last
@@ -195,6 +193,14 @@ class _BatchMaker:
         return reason
 
 
+def _error_batch(step: int, err: ShardsError) -> Batch:
+    """An empty batch carrying why the shard set is broken (raised by the loader, in the process that
+    iterates: one line, not a worker's traceback)."""
+    empty = torch.empty(0, dtype=torch.int64)
+    return Batch(images=torch.empty(0, dtype=torch.uint8), ids=empty, labels=empty, step=step,
+                 positions=empty, error=str(err))
+
+
 def _generator(seed: int, step: int, view: int) -> torch.Generator:
     """A CPU generator that depends only on ``(seed, step, view)``."""
     state = np.random.SeedSequence([seed % 2**64, step, view]).generate_state(2, np.uint64)
@@ -223,7 +229,11 @@ class _WindowStream(IterableDataset):
             if (first, last) != planned:
                 current = np.union1d(sched.shards_of_window(first, size),
                                      sched.shards_of_window(last, size))
-                reader.plan(current, sched.shards_of_next_stride(last, size))
+                try:
+                    reader.plan(current, sched.shards_of_next_stride(last, size))
+                except ShardsError as err:   # shard records that stay damaged
+                    yield _error_batch(step, err)
+                    return
                 planned = (first, last)
             ids = sched.ids_at(int(pos[0]), int(pos[-1]) + 1)
             yield self.maker.make(step, pos, ids, _spares(sched, step, self.batch_size, self.rank,
