@@ -27,6 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from picstream.shards import format as F  # noqa: E402
 from picstream.shards import records as R  # noqa: E402
 from picstream.shards.sources import Input, Labels, Listing  # noqa: E402
 
@@ -121,11 +122,10 @@ def synthetic_manifests(num_shards: int, tmp: Path) -> tuple[Path, Path]:
     v2, v3 = tmp / "v2", tmp / "v3"
     v2.mkdir()
     v3.mkdir()
-    (v2 / "manifest.json").write_text(json.dumps(dict(head, version=2, skipped=[], shards=recs), indent=1))
+    (v2 / "manifest.json").write_bytes(F.manifest_bytes(dict(head, version=2, skipped=[], shards=recs)))
     data = R.assemble(b"".join(map(R.record_bytes, recs)))
     (v3 / R.RECORDS_FILE).write_bytes(data)
-    (v3 / "manifest.json").write_text(json.dumps(dict(head, version=3, skipped=0, records=R.describe(data)),
-                                                 indent=1))
+    (v3 / "manifest.json").write_bytes(F.manifest_bytes(dict(head, version=3, skipped=0, records=R.describe(data))))
     return v2, v3
 
 

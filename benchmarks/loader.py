@@ -40,6 +40,7 @@ from picstream.loader.decode import DECODERS, DEFAULT_FULL, decode, decode_crops
 from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms  # noqa: E402
 from picstream.scheduler import SlidingWindowScheduler  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
+from picstream.shards.format import manifest_bytes  # noqa: E402
 
 BATCH = 64
 
@@ -276,7 +277,7 @@ def synthetic_manifest(shards: Path, out: Path, num_ids: int) -> Path:
                         index=f"{rel}/{full[k % len(full)]['index']}") for k in range(n_shards)]
     m["num_shards"], m["num_samples"] = n_shards, n_shards * m["shard_size"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "manifest.json").write_bytes(manifest_bytes(m))
     return out
 
 

@@ -35,6 +35,9 @@ class DataConfig:
     workers: int = 4
     cache_dir: Optional[str] = None
     cache_gb: float = 20.0
+    # a shard (or index) the verified manifest lists but the storage lacks: stop the run with one line
+    # naming it (fail), or count its samples as skipped and refill their slots (skip)
+    on_missing: Literal["fail", "skip"] = "fail"
     # multi-crop: extra views beside the main one, items [size, count] or [size, count, scale_lo,
     # scale_hi] (picstream.multicrop); empty = one view per image
     multi_crop: list[list[float]] = field(default_factory=list)

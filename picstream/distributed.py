@@ -7,6 +7,11 @@ see below); the classifier rows are partitioned by the row store's chunk ownersh
 all-gathered, and the softmax over all ranks' rows is computed with three all-reduces (Partial FC's
 distributed cross-entropy). Host-side objects (batch IDs, decisions taken on rank 0) go through a
 gloo group, so no collective waits on the accelerator.
+
+A rank started by torchrun dies with its launcher: :func:`init_world` asks the kernel for SIGKILL when
+the parent process (torchrun's agent) exits (``PR_SET_PDEATHSIG``), and exits at once if the parent is
+already gone, so a SIGKILL of ``torchrun`` stops every rank within a moment, like a crash: the run
+lock goes with the process and the same command resumes from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .parentdeath import die_with_parent
 
 
 @dataclass
@@ -78,11 +85,24 @@ def speaks_for_job() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def die_with_launcher() -> bool:
+    """Under torchrun (``TORCHELASTIC_RUN_ID`` set): SIGKILL this process when its parent, the
+    launcher's agent, exits; exit now if it already has (re-parented to init). True when requested."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    parent = os.getppid()
+    if parent == 1:
+        os._exit(1)
+    return die_with_parent(parent)
+
+
 def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
     """Join the job torchrun started (NCCL on CUDA, gloo on CPU), or a 1-process world without it.
+    A rank started by torchrun dies with it (:func:`die_with_launcher`).
 
     ``timeout_s`` bounds every collective: a rank that dies leaves the others waiting at most that
     long (torchrun's agent usually stops them sooner, when it sees the dead rank)."""
+    die_with_launcher()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()

@@ -22,14 +22,15 @@ def open_train_set(url: str, *, seed: int = 0):
 
 
 def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache_bytes=None, augment=None,
-                 **kw):
-    """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache) and decodes in
-    threads of this process, so the colour augmentation stays with the trainer."""
+                 on_missing: str = "fail", **kw):
+    """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache, no shards to
+    miss) and decodes in threads of this process, so the colour augmentation stays with the trainer.
+    `on_missing` is `data.on_missing` (see `WindowLoader`)."""
     if isinstance(train_set, BetonSet):
         from .beton.loader import BetonLoader
         return BetonLoader(train_set, scheduler, batch_size, **kw)
     return WindowLoader(train_set, scheduler, batch_size, cache_dir=cache_dir, cache_bytes=cache_bytes,
-                        augment=augment, **kw)
+                        augment=augment, on_missing=on_missing, **kw)
 
 
 def train_loader_from_config(config: Config, train_set, scheduler, world: World, *, start_step: int,
@@ -43,4 +44,4 @@ def train_loader_from_config(config: Config, train_set, scheduler, world: World,
         world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),
         multi_crop=loader_crops(data.multi_crop), workers=data.workers, start_step=start_step,
         num_steps=num_steps, seed=config.run.seed, cache_dir=data.cache_dir,
-        cache_bytes=int(data.cache_gb * 2**30), augment=augment)
+        cache_bytes=int(data.cache_gb * 2**30), augment=augment, on_missing=data.on_missing)

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from picstream.shards.format import manifest_bytes
+
 from test_train import train_cmd
 
 pytestmark = pytest.mark.slow   # one interpreter start (torch import) per case
 
 
 def broken_manifest(tmp: Path, good: Path, kind: str) -> Path:
-    """A manifest as a new user might produce it: missing, truncated, empty, foreign, inconsistent."""
+    """A manifest as a new user might produce it: missing, truncated, empty, foreign, inconsistent (with a
+    digest that matches, as a tool that writes it would give), or damaged on disk (one changed digit)."""
     path = tmp / "shards" / "manifest.json"
     path.parent.mkdir()
     text = good.read_text()
@@ -28,13 +31,15 @@ def broken_manifest(tmp: Path, good: Path, kind: str) -> Path:
     elif kind == "empty":
         path.write_text("")
     elif kind == "version":
-        path.write_text(json.dumps({**manifest, "version": 99}))
+        path.write_bytes(manifest_bytes({**manifest, "version": 99}))
     elif kind == "format":
         path.write_text(json.dumps({"format": "webdataset", "shards": []}))
     elif kind == "list":
         path.write_text("[1, 2, 3]")
     elif kind == "more_samples":
-        path.write_text(json.dumps({**manifest, "num_samples": manifest["num_samples"] + 10}))
+        path.write_bytes(manifest_bytes({**manifest, "num_samples": manifest["num_samples"] + 10}))
+    elif kind == "damaged":
+        path.write_text(text.replace('"count": 64', '"count": 65', 1))
     return path
 
 
@@ -47,6 +52,7 @@ MANIFEST_CASES = [
     ("format", "not a picstream-shards manifest (format: 'webdataset')"),
     ("list", "not a picstream-shards manifest (format: 'list')"),
     ("more_samples", "it claims 330 samples but its shards hold 320"),
+    ("damaged", "does not match its digest: it is damaged"),
 ]
 OVERRIDE_CASES = [
     ("data.workers=-1", "config key 'data.workers' must be >= 0, got -1"),
@@ -149,7 +155,8 @@ def test_read_only_output_dir(tmp_path, shapes_shards):
 
 
 def test_all_missing_window_is_one_line(tmp_path, shapes_shards):
-    """Not a config error, but one clear line too: the first window's shards are all gone."""
+    """Not a config error, but one clear line too: the first window's shards are all gone (a broken
+    shard set: with the default data.on_missing=fail the line names the first missing shard)."""
     root = tmp_path / "shards"
     root.mkdir()
     for f in Path(shapes_shards[0]).parent.iterdir():
@@ -159,5 +166,6 @@ def test_all_missing_window_is_one_line(tmp_path, shapes_shards):
                             text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert lines[-1].startswith("picstream-train: error: no readable sample for step 0")
-    assert "missing" in lines[-1] and not any("loss is nan" in line for line in lines)
+    assert lines[-1].startswith("picstream-train: error: shard ") and str(root) in lines[-1]
+    assert "is missing" in lines[-1] and "data.on_missing=skip" in lines[-1]
+    assert not any("loss is nan" in line for line in lines)

@@ -1,5 +1,5 @@
-"""Distributed training through torchrun (gloo on CPU): 2 processes against 1, a killed rank, and
-resumes onto another number of processes.
+"""Distributed training through torchrun (gloo on CPU): 2 processes against 1, a killed rank, a killed
+launcher, and resumes onto another number of processes.
 
 The oracle is the 1-process run with the same global batch. The runs are in float64
 (``train.precision``) with GroupNorm (``model.norm=group``): splitting the batch changes the order of
@@ -9,8 +9,11 @@ the loss, float64 ones to ~1e-12. Kills land at chosen I/O points (tests/crash_r
 after a sleep.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,8 @@ import torch
 
 from picstream.checkpoint import classifier_states, list_checkpoints, load_checkpoint
 from picstream.rowstore import RowStore
+
+from test_integrity import children, running
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +146,46 @@ def test_killed_rank_stops_the_job_and_the_same_command_resumes(reference, shape
     run_dir, log = tmp_path / "run", tmp_path / "io.log"
     killed = launch(2, run_dir, shapes_shards[0], ("kill@1", "rename:*part-1-of-2.pt:2"), log)
     assert killed.returncode != 0
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["ckpt-000000010.pt"]
+    resumed = launch(2, run_dir, shapes_shards[0])
+    ok(resumed)
+    assert "resumed from" in resumed.stderr and "at step 10" in resumed.stderr
+    assert_same(reference[2], final_state(run_dir), rtol=0)
+
+
+def test_killed_launcher_stops_every_rank_and_the_same_command_resumes(reference, shapes_shards, tmp_path):
+    """SIGKILL of torchrun itself (not of a rank) while rank 0 is held just after the step-10
+    checkpoint: no rank is alive 30 s later, and the same command resumes from step 10 and ends
+    bit-identical to the uninterrupted 2-process run."""
+    run_dir, log = tmp_path / "run", tmp_path / "io.log"
+    args = ["--config", str(ROOT / "configs/demo.yaml"), f"run.output_dir={run_dir}",
+            f"data.train={shapes_shards[0]}", *SETTINGS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(RUNNER), "pause@0", "rename:*ckpt-000000010.pt:1:+1", str(log), "--", *args]
+    with open(tmp_path / "torchrun.out", "w") as out:
+        launcher = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    ranks: set[int] = set()
+    try:
+        reached = Path(f"{log}.reached")
+        deadline = time.monotonic() + TIMEOUT
+        while not reached.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reached.exists(), (tmp_path / "torchrun.out").read_text()[-3000:]
+        ranks = children(launcher.pid)
+        assert len(ranks) == 2
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while any(map(running, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, ranks))
+    finally:
+        for pid in ranks:   # a rank that outlived its launcher (the failure this test catches)
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["ckpt-000000010.pt"]
     resumed = launch(2, run_dir, shapes_shards[0])
     ok(resumed)

@@ -1,5 +1,6 @@
 """Integrity end to end on real shards: per-sample checksums (format v2, v1 still readable), damaged
-bytes never reaching the model, the retry policy, `picstream-verify`, and unreadable windows."""
+bytes never reaching the model, the retry policy, `picstream-verify`, unreadable windows, and the
+manifest's own digest (a damaged manifest refused, an old one read unverified)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ from picstream.loader.cache import cache_name
 from picstream.loader.stream import UnreadableStream
 from picstream.scheduler import SlidingWindowScheduler
 from picstream.shards import ShardSet, make_shards
-from picstream.shards.format import DamagedData, sha256_hex
+from picstream.shards.format import DamagedData, manifest_digest, sha256_hex
+from picstream.shards.reader import DamagedManifest
 from picstream.shards.retry import RetryPolicy, RetryStats, Unavailable, retryable
 
 
@@ -93,9 +95,10 @@ def test_flipped_bytes_in_a_local_shard_never_reach_the_model(clean, tmp_path):
 
 
 def as_v1(root: Path, dest: Path) -> Path:
-    """A format-1 copy: index rows without the checksum column, manifest version 1."""
+    """A format-1 copy: index rows without the checksum column, manifest version 1 (no digest)."""
     shutil.copytree(root, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
+    del manifest["digest"]
     for s in manifest["shards"]:
         rows = np.fromfile(dest / s["index"], dtype="<i8").reshape(-1, 4)[:, :3]
         (dest / s["index"]).write_bytes(rows.tobytes())
@@ -138,7 +141,7 @@ def test_an_all_missing_window_is_one_clear_error(clean, tmp_path):
         tar.unlink()
     ss = ShardSet.open(root)
     loader = WindowLoader(ss, SlidingWindowScheduler(len(ss), 32, 8, seed=0), 8, image_size=8,
-                          num_steps=2, workers=0)
+                          num_steps=2, workers=0, on_missing="skip")
     with pytest.raises(UnreadableStream, match=r"no readable sample for step 0: .*\d+ missing"):
         list(loader)
 
@@ -272,3 +275,51 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def damage_manifest(root: Path, old: str, new: str) -> Path:
+    """Replace the first `old` in root's manifest.json by `new` (still valid JSON); its path."""
+    path = root / "manifest.json"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_manifest_digest_is_of_its_canonical_content(clean):
+    manifest = json.loads((clean / "manifest.json").read_text())
+    assert manifest["digest"] == manifest_digest(manifest) == manifest_digest(json.loads(json.dumps(manifest)))
+    assert manifest_digest({**manifest, "num_samples": 99}) != manifest["digest"]
+    assert ShardSet.open(clean).digest == manifest["digest"]
+
+
+@pytest.mark.parametrize("old, new", [('"shard-000005.tar"', '"shardx000005.tar"'), ('"count": 8', '"count": 7'),
+                                      ('"digest"', '"digesu"')], ids=["name", "count", "digest-key"])
+def test_a_manifest_damaged_on_disk_is_refused_and_verify_names_it(clean, tmp_path, old, new):
+    root = copy_of(clean, tmp_path / "bad")
+    path = damage_manifest(root, old, new)
+    why = "has a damaged digest key ('digesu')" if "digest" in old else "does not match its digest"
+    line = f"shard manifest {path} {why}: it is damaged; restore it (or run make_shards finalize again)"
+    with pytest.raises(DamagedManifest) as err:
+        ShardSet.open(root)
+    assert str(err.value) == line
+    result = verify_cli(root)
+    assert result.returncode == 1 and result.stdout.strip().splitlines() == [f"manifest: {line}"]
+    ok = verify_cli(clean)
+    digest = json.loads((clean / "manifest.json").read_text())["digest"]
+    assert ok.returncode == 0 and f"manifest of {clean} matches its digest {digest}" in ok.stderr
+
+
+def test_a_manifest_without_digest_is_read_unverified_with_one_warning(clean, tmp_path, caplog):
+    root = copy_of(clean, tmp_path / "old")
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["digest"]
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with caplog.at_level("WARNING"):
+        ss = ShardSet.open(root)
+    assert ss.digest is None and len(ss) == len(ShardSet.open(clean))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"shard manifest {root / 'manifest.json'} has no digest (written by an older make_shards): its content "
+        "is unverified"]
+    result = verify_cli(root)
+    assert result.returncode == 0 and "is unverified" in result.stderr

@@ -13,6 +13,7 @@ from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
 from picstream.loader import EvalLoader, WindowLoader
+from picstream.loader.stream import BrokenShardSet
 from picstream.loader.geometry import (DRAWS_PER_CROP, CropSpec, random_resized_crop,
                                        sample_uniforms)
 from picstream.scheduler import EpochScheduler, SlidingWindowScheduler
@@ -193,7 +194,7 @@ def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
 
 def reindex(root, k: int, row: int, data: bytes) -> None:
     """Make row `row` of shard k's index (and the manifest's index sha256) accept `data`."""
-    from picstream.shards.format import sample_checksum, sha256_hex
+    from picstream.shards.format import manifest_bytes, sample_checksum, sha256_hex
 
     idx_path = root / f"shard-{k:06d}.idx"
     rows = np.fromfile(idx_path, dtype="<i8").reshape(-1, 4)
@@ -201,7 +202,7 @@ def reindex(root, k: int, row: int, data: bytes) -> None:
     idx_path.write_bytes(rows.tobytes())
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["shards"][k]["index_sha256"] = sha256_hex(rows.tobytes())
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "manifest.json").write_bytes(manifest_bytes(manifest))
 
 
 def test_len_and_validation(labelled):
@@ -261,3 +262,35 @@ def test_jpeg_size_matches_pillow(imagenet_sample_dir, tmp_path):
     buf = io.BytesIO()
     img.save(buf, "PNG")
     assert jpeg_size(buf.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None
+
+
+def test_refills_of_two_ranks_never_share_an_id(labelled, tmp_path):
+    """Two ranks (as torchrun runs them: one loader per rank) over a set with a deleted shard, skips
+    on: every slot is refilled, and no ID appears twice in any global batch."""
+    root = tmp_path / "gappy"
+    shutil.copytree(labelled.root, root)
+    (root / "shard-000002.tar").unlink()
+    ss = ShardSet.open(root)
+    sched = SlidingWindowScheduler(len(ss), 48, 16, seed=3)
+    ranks = [batches(WindowLoader(ss, sched, 6, image_size=8, rank=r, world_size=2, workers=0,
+                                  num_steps=12, on_missing="skip")) for r in (0, 1)]
+    assert all(len(b) == 6 for bs in ranks for b in bs)
+    assert sum(b.skipped for bs in ranks for b in bs) >= 8
+    for a, b in zip(*ranks):
+        ids = torch.cat([a.ids, b.ids]).tolist()
+        assert len(set(ids)) == len(ids) and not any(16 <= i < 24 for i in ids), a.step
+    refilled = {b.step for bs in ranks for b in bs if b.skipped}
+    assert len(refilled) >= 3                                   # refills in several global batches
+
+
+def test_a_missing_shard_stops_the_loader_with_one_line(labelled, tmp_path):
+    root = tmp_path / "gappy"
+    shutil.copytree(labelled.root, root)
+    (root / "shard-000002.tar").unlink()
+    loader = WindowLoader(ShardSet.open(root), EpochScheduler(len(labelled), seed=0), 25, image_size=8,
+                          workers=0, num_steps=4)
+    with pytest.raises(BrokenShardSet) as err:
+        batches(loader)
+    assert str(err.value) == (f"shard 2 is missing: {root / 'shard-000002.tar'}, which the manifest of {root} "
+                              "lists: the shard set is incomplete; restore it, or set data.on_missing=skip "
+                              "to train on without it")

@@ -1,6 +1,9 @@
-"""WindowLoader over real HTTP on 127.0.0.1: whole-shard cache, prefetch, retries, fork safety."""
+"""WindowLoader over real HTTP on 127.0.0.1: whole-shard cache, prefetch, retries, fork safety, missing
+shards remembered across workers, stale partial downloads."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -13,10 +16,15 @@ from PIL import Image
 
 from picstream.loader import WindowLoader
 from picstream.scheduler import SlidingWindowScheduler
-from picstream.shards import ShardSet, make_shards
+from picstream.shards import ShardSet, ShardsError, make_shards
+from picstream.shards import records as R
+from picstream.shards.reader import DamagedManifest
+from picstream.shards.retry import RetryPolicy
+
+from test_shards_phases import flip, synthetic_set
 
 # A static file server in its own process that logs every GET and can fail requests:
-# argv = root, log file, number of 503 answers to give first for each .tar, .tar names to 404.
+# argv = root, log file, number of 503 answers to give first for each .tar, file names to 404.
 SERVER = r"""
 import collections, functools, sys
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -144,7 +152,7 @@ def test_missing_shard_is_skipped_once_and_refilled(shard_dir, server, tmp_path)
     remote = ShardSet.open(srv.url + "/manifest.json")
     sched = SlidingWindowScheduler(len(remote), 32, 8, seed=0)   # window 0 = shards 0..3
     got = run(WindowLoader(remote, sched, 8, image_size=8, workers=0, num_steps=4,
-                           cache_dir=str(tmp_path / "c")))
+                           cache_dir=str(tmp_path / "c"), on_missing="skip"))
     assert all(len(b) == 8 for b in got)                      # every slot refilled
     assert {r for b in got for r in b.skip_reasons} == {"missing"}
     assert sum(b.skipped for b in got) >= 8
@@ -178,3 +186,75 @@ def test_no_threads_before_fork_and_forked_workers_work(shard_dir, server, tmp_p
     got = run(loader)
     assert [b.step for b in got] == list(range(6)) and sum(b.skipped for b in got) == 0
     assert {t.ident for t in threading.enumerate()} <= before | {threading.get_ident()}
+
+
+def requests_of(srv: Server, name: str) -> int:
+    lines = srv.log.read_text().split() if srv.log.exists() else []
+    return sum(p.rsplit("/", 1)[-1] == name for p in lines)
+
+
+@pytest.mark.parametrize("what", ["tar", "index"])
+def test_a_missing_shard_is_requested_once_across_workers(shard_dir, server, tmp_path, what):
+    """Two forked workers both need shard 1, which answers 404: one request in all (the 404 is
+    remembered in memory the workers share), its samples skipped (skips on) in both workers' batches."""
+    local = ShardSet.open(shard_dir)
+    gone = (local.shard_url(1) if what == "tar" else local.index_url(1)).rsplit("/", 1)[-1]
+    srv = server(missing=[gone])
+    remote = ShardSet.open(srv.url + "/manifest.json")
+    sched = SlidingWindowScheduler(len(remote), 32, 8, seed=0)   # window 0 = shards 0..3
+    got = run(WindowLoader(remote, sched, 8, image_size=8, workers=2, num_steps=4,
+                           cache_dir=str(tmp_path / "c"), on_missing="skip"))
+    assert all(len(b) == 8 for b in got) and not any(8 <= i < 16 for b in got for i in b.ids.tolist())
+    assert {b.step % 2 for b in got if b.skip_reasons.get("missing")} == {0, 1}   # both workers
+    assert requests_of(srv, gone) == 1
+
+
+def test_stale_partial_downloads_are_removed_when_the_loader_starts(shard_dir, server, tmp_path):
+    srv = server()
+    remote = ShardSet.open(srv.url + "/manifest.json")
+    cache = tmp_path / "c"
+    cache.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale, live = cache / f"0123-shard-000000.tar.{dead}.part", cache / f"0123-shard-000001.tar.{os.getpid()}.part"
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    WindowLoader(remote, SlidingWindowScheduler(len(remote), 16, 8), 8, image_size=8, workers=0,
+                 num_steps=1, cache_dir=str(cache)).close()
+    assert not stale.exists() and live.exists()                 # a live process's download is kept
+
+
+def test_a_damaged_remote_manifest_is_read_again_then_refused(shard_dir, tmp_path):
+    """A manifest that fails its digest on every read: each try is one request, counted as a retry
+    of kind "manifest", then one ShardsError line."""
+    root = tmp_path / "served"
+    shutil.copytree(shard_dir, root)
+    path = root / "manifest.json"
+    path.write_text(path.read_text().replace('"shard-000003.tar"', '"shardx000003.tar"', 1))
+    srv = Server(root, tmp_path / "log")
+    try:
+        with pytest.raises(DamagedManifest) as err:
+            ShardSet.open(srv.url + "/manifest.json", retry=RetryPolicy(attempts=3, base=0.0))
+    finally:
+        srv.close()
+    assert str(err.value) == (f"shard manifest {srv.url}/manifest.json does not match its digest in 3 reads: "
+                              "the copy there is damaged")
+    assert requests_of(srv, "manifest.json") == 3
+
+
+def test_damaged_remote_records_are_read_again_then_refused(tmp_path):
+    """A v3 records file whose block table fails its sha256 on every read: read again under the retry
+    policy (header + table per try), then one ShardsError line naming it."""
+    root = tmp_path / "v3"
+    synthetic_set(root, 100)
+    flip(root / R.RECORDS_FILE, R.HEADER.size + 5)
+    srv = Server(root, tmp_path / "log")
+    try:
+        with pytest.raises(ShardsError) as err:
+            ShardSet.open(srv.url + "/manifest.json", retry=RetryPolicy(attempts=3, base=0.0))
+    finally:
+        srv.close()
+    assert str(err.value) == (f"shard records {srv.url}/{R.RECORDS_FILE}: reading the header and block table: "
+                              "3 tries failed, last: DamagedData: header and block table do not match their "
+                              "sha256 in the manifest")
+    assert requests_of(srv, R.RECORDS_FILE) == 6

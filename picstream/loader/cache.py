@@ -10,9 +10,12 @@ sha256, so an entry is always a verified copy of the shard the manifest lists; o
 size is deleted when opened, one whose sample fails its checksum is re-hashed and, unless it still
 matches the manifest, deleted and fetched again. When the folder holds more than ``cache_bytes``,
 the oldest shards outside the current window and the next stride are deleted. There are no
-per-sample remote requests. Downloads follow the shard set's retry policy; a shard that is
-missing (404) or still fails after the retries is remembered for the rest of the run (in this
-process), so its samples fail at once.
+per-sample remote requests. Downloads follow the shard set's retry policy; a shard that still
+fails after the retries is remembered for the rest of the run in this process, and one that is
+missing (its tar or index answered 404, or is absent locally) in a flag shared by every process
+forked from the one that made the reader (one request per missing shard and run, whatever the
+worker count), so its samples fail at once. Partial downloads of processes that are gone are
+deleted when the reader is made.
 
 Nothing here starts a thread or a filesystem before it is first needed, so an instance can be
 created in a parent process and used in forked DataLoader workers (each builds its own).
@@ -24,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,10 +38,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..shards.format import DamagedData, MissingShard, is_local
 
-__all__ = ["ShardReader", "cache_name", "is_local", "matches_record"]
+__all__ = ["ShardReader", "SharedFlags", "cache_name", "is_local", "matches_record",
+           "remove_stale_partials"]
 
 log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
+_TAR, _INDEX = 1, 2  # what of a shard was found missing
 
 
 def cache_name(record: dict) -> str:
@@ -54,6 +60,53 @@ def matches_record(path: str, record: dict) -> bool:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest() == record["sha256"]
+
+
+def remove_stale_partials(cache_dir: str, prefix: str = "") -> list[str]:
+    """Delete the partial downloads (``PREFIX*.PID.part``) in `cache_dir` whose process is gone (the
+    cache folder is one machine's); the paths deleted."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(cache_dir) as it:
+        for e in it:
+            if e.name.startswith(prefix) and e.name.endswith(".part"):
+                pid = e.name.rsplit(".", 2)[-2]
+                if pid.isdigit() and not _alive(int(pid)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(e.path)
+                        removed.append(e.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+class SharedFlags:
+    """``n`` small values (0..255, 0 at first) in an anonymous shared mapping: one set in any process is
+    seen by every process forked after the flags were made. A pickled copy starts cleared (shared
+    with its own forks)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._map = mmap.mmap(-1, max(n, 1))
+
+    def __getitem__(self, k: int) -> int:
+        return self._map[k]
+
+    def __setitem__(self, k: int, value: int) -> None:
+        self._map[k] = value
+
+    def __getstate__(self):
+        return {"n": self.n}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["n"])
 
 
 def _inode(path: str) -> int | None:
@@ -84,7 +137,13 @@ class ShardReader:
         self.max_open_files = max_open_files
         self.worker, self.num_workers = 0, 1
         self._protected: set[int] = set()
+        self._missing = SharedFlags(shardset.num_shards)  # shard -> what of it is missing (_TAR, _INDEX)
         self._reset()
+        if not self.local:
+            removed = remove_stale_partials(cache_dir)
+            if removed:
+                log.warning("removed %d partial downloads left in %s by processes that are gone",
+                            len(removed), cache_dir)
 
     def _reset(self) -> None:
         """Per-process state (file descriptors, thread pool, filesystem, failures), rebuilt after a fork."""
@@ -94,7 +153,7 @@ class ShardReader:
         self._futures: dict[int, Future] = {}
         self._fs = None
         self._warned_full = False
-        self._failed: dict[int, OSError] = {}   # shards missing or unavailable for this run
+        self._failed: dict[int, OSError] = {}   # shards unavailable for this run (this process)
         self._verified: dict[int, int] = {}     # shard -> inode of the cache entry hashed here
 
     def _check_pid(self) -> None:
@@ -104,7 +163,7 @@ class ShardReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.update(_fds=OrderedDict(), _pool=None, _futures={}, _fs=None, _pid=None, _failed={},
-                     _verified={})
+                     _verified={})   # _missing pickles as cleared flags
         return state
 
     # -- reading -------------------------------------------------------------------------------
@@ -117,7 +176,7 @@ class ShardReader:
         self._check_pid()
         ss = self.shardset
         k, i = divmod(int(sample_id), ss.shard_size)
-        offset, size, label = (int(v) for v in ss.index(k)[i])
+        offset, size, label = (int(v) for v in self._index(k)[i])
         data = self.read(k, offset, size)
         try:
             return ss.check_sample(sample_id, data), label
@@ -125,6 +184,31 @@ class ShardReader:
             if self.local or not self._recheck(k):
                 raise
         return ss.check_sample(sample_id, self.read(k, offset, size)), label
+
+    def _index(self, k: int):
+        """Shard ``k``'s index; a remote one is loaded under the shard's lock (one request across
+        processes when it is missing)."""
+        if self._missing[k]:
+            raise self._gone(k)
+        if self.local or self.shardset.has_index(k):
+            return self._load_index(k)
+        with self._locked(k):
+            if self._missing[k]:
+                raise self._gone(k)
+            return self._load_index(k)
+
+    def _load_index(self, k: int):
+        try:
+            return self.shardset.index(k)
+        except MissingShard:
+            self._missing[k] = _INDEX
+            raise self._gone(k) from None
+
+    def _gone(self, k: int) -> MissingShard:
+        """The error of shard ``k``, found missing by this process or another one."""
+        if self._missing[k] == _INDEX:
+            return MissingShard(f"index of shard {k} is missing: {self.shardset.index_url(k)}")
+        return MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)}")
 
     def read(self, k: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard ``k`` (fetching the shard first when remote)."""
@@ -139,14 +223,14 @@ class ShardReader:
         return LocalFileSystem._strip_protocol(self.shardset.shard_url(k))
 
     def _local_fd(self, k: int) -> int:
-        if k in self._failed:
-            raise self._failed[k]
+        if self._missing[k]:
+            raise self._gone(k)
         path = self._local_path(k)
         try:
             return self._fd(path)
         except FileNotFoundError:
-            self._failed[k] = MissingShard(f"shard {k} is missing: {path}")
-            raise self._failed[k] from None
+            self._missing[k] = _TAR
+            raise self._gone(k) from None
 
     def _remote_fd(self, k: int) -> int:
         self._ensure(k)
@@ -205,7 +289,7 @@ class ShardReader:
             return
         self._futures = {k: f for k, f in self._futures.items() if not f.done()}
         for k in current + upcoming:
-            if (k % self.num_workers == self.worker and k not in self._failed
+            if (k % self.num_workers == self.worker and k not in self._failed and not self._missing[k]
                     and not os.path.exists(self.cache_path(k))):
                 self._submit(k)
 
@@ -255,6 +339,8 @@ class ShardReader:
         tmp = f"{path}.{os.getpid()}.part"
         try:
             with self._locked(k):
+                if self._missing[k]:   # found missing by another process while this one waited
+                    raise self._gone(k)
                 try:
                     if not os.path.exists(path):
                         self.shardset.remote_call(lambda: self._download(k, tmp, path),
@@ -263,8 +349,8 @@ class ShardReader:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
         except FileNotFoundError:
-            self._failed[k] = MissingShard(f"shard {k} is missing: {self.shardset.shard_url(k)}")
-            raise self._failed[k] from None
+            self._missing[k] = self._missing[k] or _TAR
+            raise self._gone(k) from None
         except OSError as err:
             self._failed[k] = err
             raise

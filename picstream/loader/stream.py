@@ -7,10 +7,19 @@ crop and flip are drawn from ``(seed, stream position)``, so batches do not depe
 count and a loader built with ``start_step=j`` reproduces batch ``j`` onwards exactly.
 
 A sample that cannot be read intact or decoded is skipped (counted by reason) and its slot refilled
-with the next readable sample of the stream after the rank's block (at most one window ahead),
-drawn with the slot's randomness, so refills depend only on which samples are readable, never on
-the worker count or the resume step. A batch with no readable sample at all ends the iteration
-with :class:`UnreadableStream`.
+with the next readable refill candidate of its rank, drawn with the slot's randomness. The candidates
+of global batch ``j`` are the stream's IDs from the end of the global batch on, for one window of
+positions, each ID at its first position there only and none of the global batch's; the position
+``end + i`` belongs to rank ``i mod R``. Every rank derives the same sequence, so no two ranks refill
+one global batch with the same ID (nor with one another rank trains on in it); with one process it is
+the next stream IDs not in the batch. Refills depend only on which samples are readable, never on the
+worker count or the resume step. A batch with no readable sample at all ends the iteration with
+:class:`UnreadableStream`.
+
+A missing shard (or index) that the manifest lists is a broken shard set, not missing data: with
+``on_missing="fail"`` (the default) the iteration ends with one :class:`BrokenShardSet` line naming
+it; ``"skip"`` counts its samples as skipped (reason ``missing``) and refills their slots. Shard
+records that stay damaged after the retries (a v3 sidecar) end it the same way.
 """
 from __future__ import annotations
 
@@ -29,20 +38,27 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
-from ..shards.format import ShardsError
+from ..shards.format import MissingShard, ShardsError
 from .cache import ShardReader, is_local
 from .decode import DECODERS, decode_crops
 from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
 
-__all__ = ["Batch", "WindowLoader", "SMALL_CROP_SCALE", "UnreadableStream", "crop_specs"]
+__all__ = ["Batch", "BrokenShardSet", "WindowLoader", "ON_MISSING", "SMALL_CROP_SCALE", "UnreadableStream",
+           "crop_specs"]
 
 log = logging.getLogger(__name__)
 
 SMALL_CROP_SCALE = (0.08, 0.14)   # multi-crop's small views: the authors' scripts/PIC.sh (--crop 0.08 --crop2 0.14)
+ON_MISSING = ("fail", "skip")
 
 
 class UnreadableStream(ShardsError):
     """No sample of a batch, nor of the stream positions after it (one window), could be read."""
+
+
+class BrokenShardSet(ShardsError):
+    """The shard set is not the one its manifest lists: a listed shard is missing (``on_missing="fail"``)
+    or its records stay damaged."""
 
 
 @dataclass
@@ -55,7 +71,8 @@ class Batch:
     not be read intact or decoded (``skip_reasons``: count per reason), each replaced by a refill
     when one was readable; ``retries`` counts remote read retries per kind of read in the process
     that made the batch, since its previous batch; ``extra_crops`` holds one uint8 tensor per
-    multi-crop view, aligned with ``images``.
+    multi-crop view, aligned with ``images``. ``error`` (an empty batch) says why the shard set is
+    broken; the loader raises it as :class:`BrokenShardSet` in the process that iterates.
     """
 
     images: torch.Tensor
@@ -67,6 +84,7 @@ class Batch:
     extra_crops: list[torch.Tensor] = field(default_factory=list)
     skip_reasons: dict[str, int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -103,9 +121,10 @@ class _BatchMaker:
     """Reads, decodes and crops the samples of one batch (runs inside the DataLoader workers)."""
 
     def __init__(self, shardset, reader: ShardReader, specs: list[CropSpec], seed: int, decoder: str,
-                 augment=None):
+                 augment=None, on_missing: str = "fail"):
         self.shardset, self.reader, self.specs = shardset, reader, specs
         self.seed, self.decoder, self.augment = seed, decoder, augment
+        self.on_missing = on_missing
         self._warned: set[tuple[int, str]] = set()
 
     def make(self, step: int, positions: np.ndarray, ids: np.ndarray, spares=()) -> Batch:
@@ -121,15 +140,18 @@ class _BatchMaker:
         reasons: Counter[str] = Counter()
         tried = set(ids.tolist())
         spares = (c for c in spares if c not in tried)
-        for i, sample_id in enumerate(ids.tolist()):
-            while sample_id is not None:
-                reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels)
-                if reason is None:
-                    got[i], ok[i] = sample_id, True
-                    break
-                reasons[reason] += 1
-                sample_id = next(spares, None)
-                tried.add(sample_id)
+        try:
+            for i, sample_id in enumerate(ids.tolist()):
+                while sample_id is not None:
+                    reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels)
+                    if reason is None:
+                        got[i], ok[i] = sample_id, True
+                        break
+                    reasons[reason] += 1
+                    sample_id = next(spares, None)
+                    tried.add(sample_id)
+        except ShardsError as err:
+            return _error_batch(step, err)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
         pick = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
         images = [pick(v).permute(0, 3, 1, 2) for v in views]      # (b,3,H,W), channels-last
@@ -146,6 +168,14 @@ class _BatchMaker:
         """Read and crop sample ``sample_id`` into slot ``i``: None, or why it failed."""
         try:
             data, labels[i] = self.reader.read_sample(sample_id)
+        except ShardsError:
+            raise
+        except MissingShard as exc:
+            if self.on_missing == "fail":
+                raise BrokenShardSet(
+                    f"{exc}, which the manifest of {self.shardset.root} lists: the shard set is incomplete; "
+                    "restore it, or set data.on_missing=skip to train on without it") from None
+            return self._skip(sample_id, position, exc.reason, exc)
         except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
             return self._skip(sample_id, position, getattr(exc, "reason", "unreadable"), exc)
         try:
@@ -161,6 +191,14 @@ class _BatchMaker:
         self._warned.add(key)
         log.log(level, "skipping sample %d (stream position %d, %s): %s", sample_id, position, reason, exc)
         return reason
+
+
+def _error_batch(step: int, err: ShardsError) -> Batch:
+    """An empty batch carrying why the shard set is broken (raised by the loader, in the process that
+    iterates: one line, not a worker's traceback)."""
+    empty = torch.empty(0, dtype=torch.int64)
+    return Batch(images=torch.empty(0, dtype=torch.uint8), ids=empty, labels=empty, step=step,
+                 positions=empty, error=str(err))
 
 
 def _generator(seed: int, step: int, view: int) -> torch.Generator:
@@ -191,17 +229,30 @@ class _WindowStream(IterableDataset):
             if (first, last) != planned:
                 current = np.union1d(sched.shards_of_window(first, size),
                                      sched.shards_of_window(last, size))
-                reader.plan(current, sched.shards_of_next_stride(last, size))
+                try:
+                    reader.plan(current, sched.shards_of_next_stride(last, size))
+                except ShardsError as err:   # shard records that stay damaged
+                    yield _error_batch(step, err)
+                    return
                 planned = (first, last)
             ids = sched.ids_at(int(pos[0]), int(pos[-1]) + 1)
-            yield self.maker.make(step, pos, ids, _spares(sched, int(pos[-1]) + 1, self.batch_size))
+            yield self.maker.make(step, pos, ids, _spares(sched, step, self.batch_size, self.rank,
+                                                          self.world_size))
 
 
-def _spares(sched, start: int, chunk: int):
-    """The stream's IDs at positions ``start, start + 1, ...`` for one window, read lazily."""
-    stop = start + sched.window
-    for lo in range(start, stop, chunk):
-        yield from sched.ids_at(lo, min(lo + chunk, stop)).tolist()
+def _spares(sched, step: int, batch_size: int, rank: int, world_size: int):
+    """Rank ``rank``'s refill candidates for global batch ``step`` (see the module doc), read lazily:
+    nothing is computed unless a slot needs a refill."""
+    chunk = batch_size * world_size
+    end = (step + 1) * chunk
+    taken = set(sched.ids_at(end - chunk, end).tolist())
+    stop = end + sched.window
+    for lo in range(end, stop, chunk):
+        for position, sample_id in enumerate(sched.ids_at(lo, min(lo + chunk, stop)).tolist(), lo):
+            if sample_id not in taken:
+                taken.add(sample_id)
+                if (position - end) % world_size == rank:
+                    yield sample_id
 
 
 class WindowLoader:
@@ -215,6 +266,7 @@ class WindowLoader:
     ``augment`` (e.g. :class:`PhotometricAugment`, for training without an accelerator) is called
     as ``augment(uint8 images, generator)`` on every view inside the workers, with a generator
     seeded from ``(seed, step, view)``; the batch then carries its output (float32) instead.
+    ``on_missing`` ("fail" or "skip"): what a shard the manifest lists but the storage lacks does.
     """
 
     def __init__(self, shardset, scheduler: SlidingWindowScheduler, batch_size: int, *,
@@ -223,13 +275,15 @@ class WindowLoader:
                  world_size: int = 1, workers: int | None = None, start_step: int = 0,
                  num_steps: int | None = None, seed: int = 0, decoder: str = "auto",
                  cache_dir: str | None = None, cache_bytes: int = 32 << 30, prefetch: bool = True,
-                 pin_memory: bool = False, prefetch_factor: int = 2, augment=None):
+                 pin_memory: bool = False, prefetch_factor: int = 2, augment=None, on_missing: str = "fail"):
         if scheduler.num_instances != len(shardset):
             raise ValueError(f"scheduler has {scheduler.num_instances} IDs, shards {len(shardset)}")
         if batch_size < 1 or not 0 <= rank < world_size or start_step < 0:
             raise ValueError("need batch_size >= 1, 0 <= rank < world_size, start_step >= 0")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}")
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing must be one of {ON_MISSING}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.start_step, self.num_steps = start_step, num_steps
         self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
@@ -239,7 +293,7 @@ class WindowLoader:
             cache_dir = self._tmp_cache = tempfile.mkdtemp(prefix="picstream-shards-")
             weakref.finalize(self, shutil.rmtree, cache_dir, True)
         self.reader = ShardReader(shardset, cache_dir, cache_bytes, prefetch)
-        maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment)
+        maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment, on_missing)
         self.dataset = _WindowStream(maker, copy.deepcopy(scheduler), batch_size, rank,
                                      world_size, start_step, num_steps)
         self._pin, self._prefetch_factor = pin_memory, prefetch_factor
@@ -260,6 +314,8 @@ class WindowLoader:
                                           prefetch_factor=self._prefetch_factor, pin_memory=self._pin)
             batches = iter(self._loader)
         for batch in batches:
+            if batch.error is not None:
+                raise BrokenShardSet(batch.error)
             if len(batch) == 0:
                 reasons = ", ".join(f"{n} {r}" for r, n in sorted(batch.skip_reasons.items()))
                 raise UnreadableStream(

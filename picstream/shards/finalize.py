@@ -134,6 +134,5 @@ def _write_manifest(out, fs, root, plan: Plan, num_shards: int, tail_skips: list
         output_op(out, lambda: F.write_atomic(fs, F.join(root, R.RECORDS_FILE), data))
         manifest.update(skipped=nskipped, skipped_list=dict(name=SKIPPED_FILE, sha256=skip_sha.hexdigest()),
                         records=R.describe(data))
-    output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST),
-                                          json.dumps(manifest, indent=1).encode()))
+    output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST), F.manifest_bytes(manifest)))
     return dict(manifest=manifest, num_shards=num_shards, skipped=nskipped, bytes=size)

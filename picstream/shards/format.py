@@ -17,6 +17,7 @@ FORMAT_VERSION = 2  # what make_shards writes with the shard records inline in m
 RECORDS_VERSION = 3  # the same shards, with the records in a sidecar (large sets; see records.py)
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+DIGEST_KEY = "digest"  # manifest.json's own digest (manifest_digest); manifests without one are unverified
 INDEX_DTYPE = np.dtype("<i8")
 # v1 rows: (offset of the image bytes inside the tar, size, label or -1); v2 adds the image's checksum
 INDEX_COLUMNS = {1: 3, 2: 4, 3: 4}
@@ -104,6 +105,16 @@ def json_bytes(obj) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's digest: ``sha256:`` and the sha256 of its canonical JSON without the digest."""
+    return "sha256:" + sha256_hex(json_bytes({k: v for k, v in manifest.items() if k != DIGEST_KEY}))
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """The bytes of ``manifest.json``: `manifest` with its digest under DIGEST_KEY."""
+    return json.dumps({**manifest, DIGEST_KEY: manifest_digest(manifest)}, indent=1).encode()
 
 
 def join(root: str, name: str) -> str:

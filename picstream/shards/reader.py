@@ -6,6 +6,7 @@ sha256 and, in format v2, every sample's bytes against their checksum in the ind
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from typing import Callable, TypeVar
@@ -23,10 +24,19 @@ RANGE_BYTES = 64 << 20  # iter_range reads at most this many bytes per request
 SHARD_KEYS = {"name": str, "index": str, "first_id": int, "count": int, "bytes": int, "sha256": str,
               "index_sha256": str}
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class _BadBody(OSError):
     """A manifest whose bytes are not a JSON document (retried when remote: it may be a cut body)."""
+
+
+class _Damaged(_BadBody):
+    """A manifest that does not match its own digest (retried when remote: it may be damaged in transit)."""
+
+
+class DamagedManifest(ShardsError):
+    """A manifest whose content does not match its digest."""
 
 
 class ShardSet:
@@ -41,6 +51,7 @@ class ShardSet:
         self.root = root.rstrip("/")
         self.manifest = manifest
         self.storage_options = dict(storage_options or {})
+        self.digest: str | None = manifest.get(F.DIGEST_KEY)  # checked by open(); None: unverified
         self.version: int = manifest["version"]
         self.shard_size: int = manifest["shard_size"]
         self.num_shards: int = manifest["num_shards"]
@@ -52,9 +63,9 @@ class ShardSet:
         self._fs = None
         self._pid = None
         if self.version >= 3:  # records in a sidecar: header checked now, blocks read when needed
-            self._shards = Records(lambda: self.fs, self.root, manifest)
-            self.remote_call(self._shards.open, what=f"reading the shard records of {self.root}",
-                             kind="manifest")
+            self._shards = Records(lambda: self.fs, self.root, manifest,
+                                   self.retry if self.remote else None, self.retry_stats)
+            self._shards.open()
         else:
             self._shards = manifest["shards"]
         self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -62,7 +73,8 @@ class ShardSet:
 
     @classmethod
     def open(cls, url, storage_options: dict | None = None, retry: RetryPolicy | None = None) -> "ShardSet":
-        """Open `url` (a manifest or its folder); every problem is a one-line :class:`ShardsError`."""
+        """Open `url` (a manifest or its folder); every problem is a one-line :class:`ShardsError`
+        (:class:`DamagedManifest` when its bytes do not match its digest, after the retries if remote)."""
         url = str(url)
         manifest_url = url if url.endswith(".json") else F.join(url, F.MANIFEST)
         retry, stats = retry or RetryPolicy(), RetryStats()
@@ -76,9 +88,11 @@ class ShardSet:
             if not raw.strip():
                 raise _BadBody("is empty")
             try:
-                return json.loads(raw)
+                manifest = json.loads(raw)
             except ValueError as err:
                 raise _BadBody(f"is not valid JSON (truncated?): {err}") from None
+            check_digest(manifest)
+            return manifest
 
         try:
             if F.is_local(manifest_url):
@@ -87,16 +101,26 @@ class ShardSet:
                 manifest = retry.call(load, what=f"reading {manifest_url}", kind="manifest", stats=stats)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ShardsError(f"shard manifest not found: {manifest_url}") from None
+        except _Damaged as err:
+            raise DamagedManifest(f"shard manifest {manifest_url} {err}: it is damaged; restore it (or "
+                                  "run make_shards finalize again)") from None
         except _BadBody as err:
             raise ShardsError(f"shard manifest {manifest_url} {err}") from None
         except Unavailable as err:
             cause = err.__cause__
+            if isinstance(cause, _Damaged):
+                raise DamagedManifest(f"shard manifest {manifest_url} {cause} in {retry.attempts} reads: "
+                                      "the copy there is damaged") from None
             detail = f"{cause}" if isinstance(cause, _BadBody) else f"{err}"
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {detail}") from None
         except OSError as err:
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {err}") from None
         root = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
-        return cls(root, manifest, storage_options, retry, stats)
+        shardset = cls(root, manifest, storage_options, retry, stats)
+        if shardset.digest is None:
+            log.warning("shard manifest %s has no digest (written by an older make_shards): its content "
+                        "is unverified", manifest_url)
+        return shardset
 
     def __getstate__(self):
         return {**self.__dict__, "_fs": None, "_pid": None}
@@ -129,6 +153,9 @@ class ShardSet:
     def shard_url(self, k: int) -> str:
         return F.join(self.root, self._shards[k]["name"])
 
+    def index_url(self, k: int) -> str:
+        return F.join(self.root, self._shards[k]["index"])
+
     def remote_call(self, fn: Callable[[], T], *, what: str, kind: str) -> T:
         """``fn()`` under the retry policy when the shard set is remote; once when it is local."""
         if not self.remote:
@@ -150,6 +177,10 @@ class ShardSet:
         if sums is not None and F.sample_checksum(data) != sums[i]:
             raise DamagedData(f"sample {sample_id} (shard {k}) does not match its checksum")
         return data
+
+    def has_index(self, k: int) -> bool:
+        """True when shard k's index is loaded in this process (reading it makes no request)."""
+        return k in self._rows
 
     def _index_rows(self, k: int) -> np.ndarray:
         rows = self._rows.get(k)
@@ -174,7 +205,7 @@ class ShardSet:
         try:
             data = self.fs.cat_file(F.join(self.root, s["index"]))
         except FileNotFoundError:
-            raise MissingShard(f"index of shard {k} ({s['index']}) is missing") from None
+            raise MissingShard(f"index of shard {k} is missing: {self.index_url(k)}") from None
         if F.sha256_hex(data) != s["index_sha256"]:
             raise DamagedData(f"index of shard {k} ({s['index']}, {len(data)} bytes) does not match "
                                 "its sha256 in the manifest")
@@ -240,7 +271,7 @@ class ShardSet:
         if self.version >= 3 and shards is None:
             entry = self.manifest["records"]
             url = F.join(self.root, entry["name"])
-            data = self.remote_call(lambda: self.fs.cat_file(url), what=f"reading {url}", kind="manifest")
+            data = self.remote_call(lambda: self.fs.cat_file(url), what=f"reading {url}", kind="records")
             if F.sha256_hex(data) != entry["sha256"]:
                 problems.append(f"records: {entry['name']} does not match its sha256 in the manifest")
         for k in range(self.num_shards) if shards is None else shards:
@@ -287,6 +318,20 @@ class ShardSet:
     def _check(self, sample_id: int) -> None:
         if not 0 <= sample_id < self._n:
             raise IndexError(f"sample ID {sample_id} out of range [0, {self._n})")
+
+
+def check_digest(manifest) -> None:
+    """Raise :class:`_Damaged` unless `manifest` matches its digest; one without a digest passes
+    (unverified) unless one of its keys is one character away from the digest's (a damaged key)."""
+    if not isinstance(manifest, dict):
+        return
+    if F.DIGEST_KEY in manifest:
+        if manifest[F.DIGEST_KEY] != F.manifest_digest(manifest):
+            raise _Damaged("does not match its digest")
+        return
+    for key in manifest:
+        if len(key) == len(F.DIGEST_KEY) and sum(a != b for a, b in zip(key, F.DIGEST_KEY)) == 1:
+            raise _Damaged(f"has a damaged digest key ({key!r})")
 
 
 def check_manifest(manifest, where: str) -> None:

@@ -8,7 +8,9 @@ Layout of `shards.bin` (all integers little-endian int64):
 
 `manifest.json` holds the sha256 of header + table (`table_sha256`) and of the whole file (`sha256`).
 Opening reads header + table (32 bytes per `block` shards: 32 KB at 1M shards of 1024) and checks it;
-the records of shard k are one ranged read of its block, checked against the table. A fixed-width file
+the records of shard k are one ranged read of its block, checked against the table before any record
+of it is used. On a remote set a read that fails its check is retried by the shard set's retry policy
+(kind "records"); one that still fails, or a local one, is a one-line :class:`ShardsError`. A fixed-width file
 needs no library, is read by offset on any fsspec filesystem, and costs 88 bytes per shard.
 """
 from __future__ import annotations
@@ -18,7 +20,8 @@ import struct
 from collections import OrderedDict
 
 from . import format as F
-from .format import ShardsError
+from .format import DamagedData, ShardsError
+from .retry import RetryPolicy, RetryStats
 
 RECORDS_FILE = "shards.bin"
 MAGIC = b"PSRECRD1"
@@ -50,10 +53,13 @@ def describe(data: bytes) -> dict:
 
 class Records:
     """Shard records of a v3 set, `records[k]` → the v2-style dict; blocks loaded on first use and
-    checked against the table. Pickles without its cache (each process reads what it needs)."""
+    checked against the table. ``retry`` (None: local, read once) is the policy of every read, its
+    retries counted in ``stats``. Pickles without its cache (each process reads what it needs)."""
 
-    def __init__(self, fs_of, root: str, manifest: dict):
+    def __init__(self, fs_of, root: str, manifest: dict, retry: RetryPolicy | None = None,
+                 stats: RetryStats | None = None):
         self._fs_of, self.root, self.entry = fs_of, root, manifest["records"]
+        self.retry, self.stats = retry, stats
         self.size, self.n = manifest["shard_size"], manifest["num_shards"]
         self.num_samples = manifest["num_samples"]
         self.url = F.join(root, self.entry["name"])
@@ -67,31 +73,42 @@ class Records:
     def __len__(self) -> int:
         return self.n
 
-    def _read(self, start: int, end: int) -> bytes:
+    def _checked(self, fn, what: str):
+        """``fn()`` (a read and its check), under the retry policy when remote; a final failure is a
+        one-line ShardsError."""
         try:
-            data = self._fs_of().cat_file(self.url, start=start, end=end)
+            return fn() if self.retry is None else self.retry.call(fn, what=f"reading {what}",
+                                                                   kind="records", stats=self.stats)
         except FileNotFoundError:
             raise ShardsError(f"shard records {self.url} are missing") from None
+        except OSError as err:
+            raise ShardsError(f"shard records {self.url}: {err}") from None
+
+    def _read(self, start: int, end: int) -> bytes:
+        data = self._fs_of().cat_file(self.url, start=start, end=end)
+        if len(data) > end - start:  # a server that ignores Range sent the whole file (checked below)
+            data = data[start:end]
         if len(data) != end - start:
-            raise ShardsError(f"shard records {self.url} are truncated")
+            raise DamagedData(f"read {len(data)} of {end - start} bytes at {start} (truncated?)")
         return data
 
     def open(self) -> None:
         """Read and check the header and the block table."""
-        head = self._read(0, HEADER.size)
-        magic, n, block = HEADER.unpack(head)
-        if magic != MAGIC or n != self.n or block < 1:
-            raise ShardsError(f"shard records {self.url}: not a records file of {self.n} shards")
-        raw = self._read(HEADER.size, HEADER.size + 32 * -(-n // block))
-        if F.sha256_hex(head + raw) != self.entry["table_sha256"]:
-            raise ShardsError(f"shard records {self.url} do not match their sha256 in the manifest")
-        self._table = [raw[i:i + 32] for i in range(0, len(raw), 32)]
-        self._block = block
+        self._table, self._block = self._checked(self._read_table, "the header and block table")
         last = self[self.n - 1] if self.n else None
         held = (self.n - 1) * self.size + last["count"] if last else 0
         if held != self.num_samples:
             raise ShardsError(f"shard records {self.url}: the shards hold {held} samples, the manifest "
                               f"claims {self.num_samples}")
+
+    def _read_table(self) -> tuple[list[bytes], int]:
+        head = self._read(0, HEADER.size)
+        magic, n, block = HEADER.unpack(head)
+        table_end = HEADER.size + 32 * -(-n // block) if n == self.n and block >= 1 else HEADER.size
+        raw = self._read(HEADER.size, table_end)
+        if F.sha256_hex(head + raw) != self.entry["table_sha256"]:
+            raise DamagedData("header and block table do not match their sha256 in the manifest")
+        return [raw[i:i + 32] for i in range(0, len(raw), 32)], block
 
     def __getitem__(self, k: int) -> dict:
         if not 0 <= k < self.n:
@@ -113,10 +130,14 @@ class Records:
         first = b * self._block
         count = min(self._block, self.n - first)
         start = HEADER.size + 32 * len(self._table) + first * RECORD.size
-        data = self._read(start, start + count * RECORD.size)
-        if hashlib.sha256(data).digest() != self._table[b]:
-            raise ShardsError(f"shard records {self.url}: block {b} (shards {first}..{first + count - 1}) "
-                              "does not match its checksum")
+
+        def read() -> bytes:
+            data = self._read(start, start + count * RECORD.size)
+            if hashlib.sha256(data).digest() != self._table[b]:
+                raise DamagedData(f"block {b} (shards {first}..{first + count - 1}) does not match its "
+                                  "checksum")
+            return data
+        data = self._checked(read, f"block {b}")
         out = []
         for j, (first_id, n, size, sha, isha) in enumerate(RECORD.iter_unpack(data)):
             k = first + j

@@ -1,23 +1,20 @@
 """Validate/convert inputs in worker processes, in order (at most 4 chunks per worker in flight)."""
 from __future__ import annotations
 
-import ctypes
 import itertools
 import multiprocessing
 import os
-import signal
-import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable
 
+from ..parentdeath import die_with_parent
 from .convert import CORRUPT, READ_ERROR, Skip, prepare
 from .format import ShardsError
 from .sources import Input, read_sample
 
 CHUNK = 8  # inputs per task sent to a worker
-PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 _OPTIONS: dict = {}
 
@@ -28,18 +25,8 @@ def _init(options: dict, so: dict) -> None:
 
 
 def _init_worker(parent: int, options: dict, so: dict) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)  # the pool's queues alone do not end a worker whose parent was SIGKILLed
     _init(options, so)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this worker process when `parent` dies, however it dies (Linux; a
-    no-op elsewhere). The pool's queues alone do not end a worker whose parent was SIGKILLed."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
 
 
 def _work(locators: list[str]) -> list:
