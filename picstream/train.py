@@ -36,6 +36,7 @@ from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
 from .multicrop import loader_crops, multi_view_loss
+from .optimizers import apply_schedule, build_optimizer
 from .rowstore import StoreError, window_cache_rows
 from .runlock import RunLock
 from .scheduler import EpochScheduler, SlidingWindowScheduler
@@ -108,8 +109,7 @@ class Trainer:
         self.forward = parallelize(self.model, self.world, sync_bn=config.model.sync_bn)
         if config.train.compile:
             self.forward = torch.compile(self.forward)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
-                                         momentum=optim.momentum, weight_decay=optim.weight_decay)
+        self.optimizer = build_optimizer(self.model, optim)
         aug = config.augment
         self.augment = PhotometricAugment(
             brightness=aug.brightness, contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
@@ -306,10 +306,9 @@ class Trainer:
             zs = [self.forward(x) for x in views]
         loss = multi_view_loss(self.classifier, [z.to(self.dtype) for z in zs], ids,
                                self.config.classifier.multi_crop_rows)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        apply_schedule(self.optimizer, self.config.optim, step, self.total_steps, self.warmup_steps)
         self.optimizer.step()
         self.classifier.step(lr)
         return {"loss": loss.detach(), "lr": lr}
