@@ -4,6 +4,7 @@
   2. model ceiling: ResNet-50, 224 px, bf16 autocast + channels_last, batch 256, synthetic uint8
      images already on the device: img/s of (a) backbone + head only, (b) + the recent-K classifier
      (N = 1.28M, K = 65536, rows paged from a row store on local disk), (c) + the full-N classifier;
+     then ViT-S/16 (timm, ``configs/in1k-vit-s16.yaml``: AdamW) (d) backbone + head only, (e) + recent-K;
   3. device memory vs N with the recent-K classifier (N = 1e5 … 1e9, real row stores on local disk):
      ``max_memory_allocated`` per N; the full-N classifier at 1.28M and 7.47M rows (or the OOM);
   4. real data: the ImageNet sample, repeated, through the WindowLoader with every CPU core and the
@@ -59,6 +60,7 @@ GOAL_MEMORY_RATIO = 1.05  # device memory max/min over N = 1e5 … 1e9
 class Sizes:
     """Everything that differs between the real check and ``--smoke``."""
     arch: str
+    vit_arch: str                     # section 2's ViT rows
     image: int
     batch: int
     head_hidden: int
@@ -83,14 +85,14 @@ class Sizes:
     train_cap_s: Optional[float]      # section 5: training time cap (None: what is left)
 
 
-FULL = Sizes(arch="resnet50", image=224, batch=256, head_hidden=2048, feature_dim=128,
+FULL = Sizes(arch="resnet50", vit_arch="timm/vit_small_patch16_224", image=224, batch=256, head_hidden=2048, feature_dim=128,
              recent_k=65536, window=131072, stride=16384, chunk_rows=4096, ceiling_rows=1_281_167,
              warm_steps=5, timed_steps=30,
              memory_rows=(100_000, 1_281_167, 7_469_000, 100_000_000, 1_000_000_000),
              full_rows=(1_281_167, 7_469_000), memory_steps=5,
              inet_copies=8, inet_limit=None, shard_size=1024, loader_steps=150,
              cifar_per_class=None, cifar_overrides=(), calib_steps=40, train_cap_s=None)
-SMOKE = Sizes(arch="resnet18", image=32, batch=16, head_hidden=64, feature_dim=16,
+SMOKE = Sizes(arch="resnet18", vit_arch="timm/test_vit", image=32, batch=16, head_hidden=64, feature_dim=16,
               recent_k=64, window=128, stride=32, chunk_rows=32, ceiling_rows=1000,
               warm_steps=1, timed_steps=2,
               memory_rows=FULL.memory_rows, full_rows=(1000, 4000), memory_steps=2,
@@ -172,21 +174,23 @@ class Check:
             f"classifier.store={out / 'rows.zarr'}", "train.checkpoint_every=1000000000",
             *overrides])
 
-    def model_overrides(self, batch: int) -> list[str]:
+    def model_overrides(self, batch: int, arch: Optional[str] = None) -> list[str]:
         s = self.sizes
-        return [f"model.arch={s.arch}", f"model.head_hidden={s.head_hidden}",
+        return [f"model.arch={arch or s.arch}", f"model.head_hidden={s.head_hidden}",
                 f"model.feature_dim={s.feature_dim}", f"data.image_size={s.image}",
                 f"optim.batch_size={batch}", f"classifier.recent_k={s.recent_k}",
                 f"classifier.chunk_rows={s.chunk_rows}", f"schedule.window={s.window}",
                 f"schedule.stride={s.stride}"]
 
     @contextlib.contextmanager
-    def synthetic_trainer(self, num_rows: int, sampling: str):
-        """A ResNet trainer over ``num_rows`` instances without shards; its row store is local."""
+    def synthetic_trainer(self, num_rows: int, sampling: str, base: str = "in1k.yaml",
+                          arch: Optional[str] = None):
+        """A trainer (ResNet, or ``arch`` from config ``base``) over ``num_rows`` instances without
+        shards; its row store is local."""
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
-            config = self.config("in1k.yaml", Path(tmp), "data.train=(synthetic)", "data.workers=0",
+            config = self.config(base, Path(tmp), "data.train=(synthetic)", "data.workers=0",
                                  f"classifier.sampling={sampling}",
-                                 *self.model_overrides(self.sizes.batch))
+                                 *self.model_overrides(self.sizes.batch, arch))
             trainer = Trainer(config, resume="none", show_progress=False, num_instances=num_rows)
             try:
                 yield trainer
@@ -313,13 +317,14 @@ def fill_recent_rows(trainer: Trainer, steps: int) -> None:
         trainer.classifier.step(trainer.lr_at(step))
 
 
-def ceiling_variant(check: Check, label: str, sampling: str) -> Optional[dict]:
-    """img/s of one variant of section 2 (None when the section's time is up)."""
+def ceiling_variant(check: Check, label: str, sampling: str, vit: bool = False) -> Optional[dict]:
+    """img/s of one variant of section 2, of the ResNet or the ViT (None when the section's time is up)."""
     if check.left() <= 0:
         return None
     s = check.sizes
     release(check.device)
-    with check.synthetic_trainer(s.ceiling_rows, "full" if sampling == "full" else "recent") as tr:
+    model = ("in1k-vit-s16.yaml", s.vit_arch) if vit else ("in1k.yaml", s.arch)
+    with check.synthetic_trainer(s.ceiling_rows, "full" if sampling == "full" else "recent", *model) as tr:
         start = 0
         if sampling == "none":
             tr.classifier.close()
@@ -340,20 +345,22 @@ def model_ceiling(check: Check, sec: Section) -> None:
     s = check.sizes
     amp = "bf16 autocast + channels_last" if check.device.type == "cuda" else "fp32 (CPU)"
     sec.title += f" — {s.arch}, {s.image} px, batch {s.batch}, {amp}"
-    sec.columns = ["variant", "img/s", "ms/step", "peak MiB", "vs (a)"]
-    variants = (("(a) backbone + head only", "none"),
-                (f"(b) + recent-K (N={s.ceiling_rows:,}, K={s.recent_k:,})", "recent"),
-                (f"(c) + full-N (N={s.ceiling_rows:,})", "full"))
-    for label, sampling in variants:
-        r = ceiling_variant(check, label, sampling)
+    sec.columns = ["variant", "img/s", "ms/step", "peak MiB", "vs (a) / (d)"]
+    variants = (("(a) backbone + head only", "none", ""),
+                (f"(b) + recent-K (N={s.ceiling_rows:,}, K={s.recent_k:,})", "recent", ""),
+                (f"(c) + full-N (N={s.ceiling_rows:,})", "full", ""),
+                (f"(d) {s.vit_arch}, AdamW: backbone + head only", "none", "vit_"),
+                (f"(e) {s.vit_arch}, AdamW: + recent-K", "recent", "vit_"))
+    for label, sampling, prefix in variants:
+        r = ceiling_variant(check, label, sampling, vit=bool(prefix))
         if r is None:
             sec.rows.append([label, "skipped: section time is up", "", "", ""])
             continue
-        sec.summary[sampling] = r
-        base = sec.summary.get("none")
+        sec.summary[prefix + sampling] = r
+        base = sec.summary.get(prefix + "none")
         ratio = r["img_s"] / base["img_s"] if base else float("nan")
         if sampling != "none":
-            sec.summary[f"{sampling}_ratio"] = ratio
+            sec.summary[f"{prefix}{sampling}_ratio"] = ratio
         sec.rows.append([label, f"{r['img_s']:.0f}", f"{r['ms_step']:.1f}",
                          f"{r['peak_mib']:.0f}", f"{ratio:.3f}"])
 
@@ -581,6 +588,11 @@ def headline(sections: dict[int, Section]) -> tuple[list[list], str]:
     rows.append(["(c)/(a): full-N vs backbone + head only", f"{full:.3f}" if full else "n/a", "-"])
     parts.append(f"ceiling {recent:.0f} img/s with recent-K = {ratio:.3f}x backbone-only"
                  if recent and ratio else "ceiling n/a")
+    vit, vit_ratio = got(2, "vit_recent", "img_s"), got(2, "vit_recent_ratio")
+    rows.append(["ViT-S/16 img/s, + recent-K (2e) and (e)/(d)",
+                 f"{vit:.0f} ({vit_ratio:.3f})" if vit and vit_ratio else "n/a", "-"])
+    parts.append(f"ViT-S/16 {vit:.0f} img/s with recent-K = {vit_ratio:.3f}x" if vit and vit_ratio
+                 else "ViT n/a")
     mem = got(3, "max_over_min")
     rows.append(["device memory max/min, recent-K, N = 1e5 ... 1e9", f"{mem:.4f}" if mem else "n/a",
                  f"<= {GOAL_MEMORY_RATIO}"])

@@ -57,7 +57,11 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # a torchvision ResNet/ResNeXt/Wide-ResNet/RegNet name, or "timm/<name>" for any timm model
+    # (created with num_classes=0: pooled features); picstream.backbones
+    arch: str = "resnet50"
+    # keyword arguments of the model's constructor, e.g. {drop_path_rate: 0.1, dynamic_img_size: true}
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
     cifar_stem: bool = False
     head_hidden: int = 2048
     feature_dim: int = 128
@@ -97,6 +101,17 @@ class OptimConfig:
     weight_decay: float = 1e-4
     epochs: float = 200.0
     warmup_epochs: float = 5.0
+    # The backbone's (and head's) optimizer. base_lr, momentum and weight_decay above are the SGD of
+    # the classifier rows, always (their lazy correction is SGD's closed form), and of the backbone
+    # when name = sgd; adamw and lars take their own backbone_lr and backbone_weight_decay.
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    backbone_lr: Optional[float] = None            # at base_batch_size, linearly scaled; None: base_lr
+    backbone_weight_decay: Optional[float] = None  # None: weight_decay
+    backbone_weight_decay_end: Optional[float] = None  # cosine schedule to this value (DINO); None: constant
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    lars_trust: float = 0.001                      # lars: the trust coefficient
+    clip_grad: Optional[float] = None              # max gradient L2 norm of the backbone + head
+    clip_mode: Literal["norm", "per_tensor"] = "norm"  # all gradients as one vector, or each tensor (DINO)
 
 
 @dataclass
@@ -152,6 +167,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping of names to values"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -167,6 +184,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 continue
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif origin is list:
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(tp)
@@ -280,9 +300,9 @@ def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """``(trajectory changes, harmless changes)`` from ``old`` to ``new``, as ``key: a -> b`` lines."""
     before, after = _flatten(old.to_dict()), _flatten(new.to_dict())
     refused, accepted = [], []
-    for key in after:
-        if before.get(key) != after[key]:
-            line = f"{key}: {before.get(key)!r} -> {after[key]!r}"
+    for key in dict.fromkeys([*after, *before]):  # a key of a mapping (model.arch_kwargs) may go away
+        if before.get(key) != after.get(key):
+            line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
             (accepted if key.startswith(RESUME_SAFE_KEYS) else refused).append(line)
     return refused, accepted
 
@@ -352,3 +372,25 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key 'data.multi_crop[{i}]' must be [size, count] or [size, count, "
                               f"scale_low, scale_high] with whole size, count >= 1 and 0 < low <= high "
                               f"<= 1, got {item}")
+    validate_optim(config.optim)
+    from .backbones import check_backbone  # imports torch and the model zoos: only once a config is sound
+
+    check_backbone(config.model, [config.data.image_size] + [int(item[0]) for item in config.data.multi_crop])
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    """The backbone optimizer's settings; the rows' SGD (base_lr, momentum, weight_decay) is checked above."""
+    if optim.name != "sgd" and (optim.backbone_lr is None or optim.backbone_weight_decay is None):
+        raise ConfigError(f"optim.name = {optim.name} needs optim.backbone_lr and optim.backbone_weight_decay: "
+                          "optim.base_lr, momentum and weight_decay are the classifier rows' SGD (their lazy "
+                          f"correction is SGD's), not {optim.name}'s settings")
+    for key in ("backbone_lr", "clip_grad", "lars_trust"):
+        value = getattr(optim, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key 'optim.{key}' must be > 0, got {value}")
+    for key in ("backbone_weight_decay", "backbone_weight_decay_end"):
+        value = getattr(optim, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {value}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be [beta1, beta2] in [0, 1), got {optim.betas}")

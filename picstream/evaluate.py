@@ -14,8 +14,9 @@ import yaml
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import check_backbone
 from .checkpoint import load_checkpoint
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, ModelConfig, config_from_dict
 from .device import resolve_device
 from .export import backbone_state_dict
 from .loader import EvalLoader, normalize
@@ -115,7 +116,7 @@ def backbone_from_checkpoint(path: Path) -> tuple[nn.Module, int]:
     """The trained backbone of a checkpoint and the image size it was trained at."""
     checkpoint = load_checkpoint(path)
     config = config_from_dict(yaml.safe_load(checkpoint["config"]))
-    backbone = build_backbone(config.model.arch, config.model.cifar_stem)
+    backbone, _ = build_backbone(config.model)
     backbone.load_state_dict(backbone_state_dict(checkpoint))
     return backbone, config.data.image_size
 
@@ -147,7 +148,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             backbone, image_size = backbone_from_checkpoint(args.checkpoint)
         else:
             torch.manual_seed(args.seed)
-            backbone, image_size = build_backbone(args.random_init, args.cifar_stem), 224
+            model = ModelConfig(arch=args.random_init, cifar_stem=args.cifar_stem)
+            check_backbone(model, [args.image_size or 224])
+            (backbone, _), image_size = build_backbone(model), 224
         device = resolve_device(args.device)
         backbone.to(device)
         kwargs = dict(image_size=args.image_size or image_size, batch_size=args.batch_size,

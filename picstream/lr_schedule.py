@@ -1,4 +1,4 @@
-"""Learning rate by step: linear warm-up, then cosine decay to zero."""
+"""Schedules by step: the learning rate (linear warm-up, then cosine decay to zero) and a cosine ramp."""
 from __future__ import annotations
 
 import math
@@ -15,3 +15,12 @@ def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """A value going from `start` at step 0 to `end` at `total_steps` along a half cosine (DINO's
+    weight-decay schedule, 0.04 → 0.4 for ViTs); exactly `start` when `start == end`."""
+    if start == end:
+        return start
+    progress = min(1.0, step / max(1, total_steps))
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))

@@ -29,6 +29,7 @@ from .loader import PhotometricAugment
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
+from .optimizers import apply_schedule, build_optimizer
 from .rowstore import StoreError
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardsError
@@ -125,8 +126,7 @@ class Trainer:
         self.forward = parallelize(self.model, self.world, sync_bn=config.model.sync_bn)
         if config.train.compile:
             self.forward = torch.compile(self.forward)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.peak_lr,
-                                         momentum=optim.momentum, weight_decay=optim.weight_decay)
+        self.optimizer = build_optimizer(self.model, optim)
         self.augment = PhotometricAugment.from_config(config.augment, self.world)
         self.amp = (self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
                     and self.dtype == torch.float32)
@@ -175,10 +175,9 @@ class Trainer:
         with autocast:
             zs = [self.forward(x) for x in views]
         loss = self.classifier.loss([z.to(self.dtype) for z in zs], ids)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        apply_schedule(self.optimizer, self.config.optim, step, self.total_steps, self.warmup_steps)
         self.optimizer.step()
         self.classifier.step(lr)
         return {"loss": loss.detach(), "lr": lr}

@@ -55,12 +55,12 @@ def launch(procs: int, run_dir: Path, manifest: Path, crash: tuple[str, str] | N
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
 
 
-def final_state(run_dir: Path) -> dict:
+def final_state(run_dir: Path, steps: int = STEPS) -> dict:
     """Losses per step, model tensors, resident rows (by ID) and every stored row of a finished run."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     path = list_checkpoints(run_dir / "checkpoints")[-1]
     state = load_checkpoint(path)
-    assert int(state["step"]) == STEPS
+    assert int(state["step"]) == steps
     resident = {}
     for part in classifier_states(path, state):
         rows = part["rows"]
@@ -80,9 +80,9 @@ def relative(a, b) -> float:
     return float((a - b).norm() / a.norm().clamp_min(1e-300))
 
 
-def assert_same(a: dict, b: dict, rtol: float) -> None:
+def assert_same(a: dict, b: dict, rtol: float, steps: int = STEPS) -> None:
     """Equal to ``rtol`` relative (per loss, per tensor, per row; 0: bit-identical)."""
-    assert len(a["loss"]) == len(b["loss"]) == STEPS
+    assert len(a["loss"]) == len(b["loss"]) == steps
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=rtol, atol=0)
     for name, tensor in a["model"].items():
         if tensor.is_floating_point():

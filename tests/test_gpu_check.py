@@ -39,7 +39,8 @@ def test_smoke_runs_every_section(tmp_path):
 
     assert secs[1]["summary"]["device used"] == "cpu"
     ceiling = secs[2]["summary"]
-    assert all(ceiling[k]["img_s"] > 0 and ceiling[k]["steps"] == 2 for k in ("none", "recent", "full"))
+    assert all(ceiling[k]["img_s"] > 0 and ceiling[k]["steps"] == 2
+               for k in ("none", "recent", "full", "vit_none", "vit_recent"))
     memory = secs[3]["summary"]
     assert [r["rows"] for r in memory["recent"]] == [10**5, 1_281_167, 7_469_000, 10**8, 10**9]
     # on CPU the figure is the classifier's tensors: K rows whatever N, N rows for the full one

@@ -35,7 +35,8 @@ def test_bad_config_is_one_clear_error(tmp_path, shapes_shards):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "picstream-train: error: unknown config key 'optim.batchsize'; allowed here: batch_size, base_lr, "
-        "base_batch_size, momentum, weight_decay, epochs, warmup_epochs"]
+        "base_batch_size, momentum, weight_decay, epochs, warmup_epochs, name, backbone_lr, "
+        "backbone_weight_decay, backbone_weight_decay_end, betas, lars_trust, clip_grad, clip_mode"]
 
 
 def test_run_exports_and_evaluates(tmp_path, shapes_shards):
