@@ -1,0 +1,133 @@
+"""Shards, training, verification and the row store on S3: a real local endpoint (moto's server) through
+s3fs, the same code paths a bucket on AWS takes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from picstream.loader.cache import cache_name, matches_record
+from picstream.shards import ShardSet
+from picstream.synthetic import write_corpus
+
+from test_train import losses, train_cmd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_local_endpoint_is_s3(s3):
+    fs = fsspec.filesystem("s3")
+    fs.pipe(f"{s3}/a/b", b"hello")
+    assert fs.cat(f"{s3}/a/b") == b"hello" and fs.ls(f"{s3}/a") == [f"{s3[5:]}/a/b"]
+
+
+def make_shards_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def wds_tars(tmp_path_factory) -> Path:
+    """Two webdataset tars of 48 generated labeled images (8 shape classes)."""
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("wds")
+    images = sorted(write_corpus(root / "images", 6, seed=0).rglob("*.jpg"))
+    for t in range(2):
+        with wds.TarWriter(str(root / f"{t:05d}.tar")) as w:
+            for path in images[t::2]:
+                w.write({"__key__": f"{path.parent.name}-{path.stem}", "jpg": path.read_bytes(),
+                         "cls": sorted(p.name for p in (root / "images").iterdir()).index(path.parent.name)})
+    return root
+
+
+def upload_tars(wds_tars: Path, bucket: str) -> str:
+    fs = fsspec.filesystem("s3")
+    for tar in sorted(wds_tars.glob("*.tar")):
+        fs.put_file(str(tar), f"{bucket}/wds/{tar.name}")
+    return f"{bucket}/wds/{{00000..00001}}.tar"
+
+
+SHARDS = ("--shard-size", 16, "--seed", 3, "--quiet")
+
+
+def shard_objects(prefix: str) -> dict[str, bytes]:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    return {p.rsplit("/", 1)[-1]: fs.cat(p) for p in fs.find(prefix) if p.endswith((".tar", ".idx"))}
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3, wds_tars, tmp_path_factory) -> tuple[str, Path]:
+    """make_shards, one command, from the tars on S3 to shards on S3; and from the local tars to a local
+    folder with the same options: (the S3 URL, the local folder)."""
+    src = upload_tars(wds_tars, s3)
+    result = make_shards_cli(src, f"{s3}/shards", *SHARDS)
+    assert result.returncode == 0, result.stderr
+    local = tmp_path_factory.mktemp("local") / "shards"
+    result = make_shards_cli(wds_tars / "{00000..00001}.tar", local, *SHARDS)
+    assert result.returncode == 0, result.stderr
+    return f"{s3}/shards", local
+
+
+def test_make_shards_from_s3_to_s3_equals_the_local_build(s3_shards):
+    url, local = s3_shards
+    ss = ShardSet.open(url)
+    assert len(ss) == 48 and ss.verify() == []
+    objects = shard_objects(url)
+    assert len(objects) == 6 and objects == {p.name: p.read_bytes() for p in sorted(local.glob("shard-*"))
+                                              if p.suffix in (".tar", ".idx")}
+    fs = fsspec.filesystem("s3")
+    assert not [p for p in fs.find(url) if p.endswith(".tmp")] and not fs.exists(f"{url}/plan")
+
+
+@pytest.mark.slow
+def test_phases_on_dask_equal_the_one_command_build_on_s3(s3, s3_shards):
+    src = f"{s3}/wds/{{00000..00001}}.tar"
+    for args in (("plan", src, f"{s3}/phased", "--shard-size", 16, "--seed", 3, "--spare", 1.0),
+                 ("pack", f"{s3}/phased", "--shards", "0:1"),
+                 ("pack", f"{s3}/phased", "--dask", "local:2"),
+                 ("finalize", f"{s3}/phased")):
+        result = make_shards_cli(*args, "--quiet")
+        assert result.returncode == 0, (args, result.stderr)
+    assert shard_objects(f"{s3}/phased") == shard_objects(s3_shards[0])
+    assert ShardSet.open(f"{s3}/phased").verify() == []
+
+
+def test_training_streams_s3_shards_through_the_verified_cache(s3_shards, tmp_path):
+    url, local = s3_shards
+    steps = "train.max_steps=6"
+    for name, manifest, extra in (("local", local / "manifest.json", ()),
+                                  ("s3", f"{url}/manifest.json", (f"data.cache_dir={tmp_path / 'cache'}",))):
+        result = subprocess.run(train_cmd(tmp_path / name, manifest, steps, *extra), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+    assert losses(tmp_path / "s3") == losses(tmp_path / "local") and len(losses(tmp_path / "s3")) >= 3
+    ss = ShardSet.open(url)
+    entries = [tmp_path / "cache" / cache_name(ss.shard_record(k)) for k in range(ss.num_shards)]
+    read = [e for e in entries if e.exists()]
+    assert read and all(matches_record(str(e), ss.shard_record(k)) for k, e in enumerate(entries) if e.exists())
+    records = [json.loads(line) for line in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped"] == 0 and records[-1]["retries"] == 0
+
+
+def verify_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "picstream.verify", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_verify_checks_a_shard_set_on_s3(s3, s3_shards):
+    url = s3_shards[0]
+    good = verify_cli(url)
+    assert good.returncode == 0, good.stderr
+    fs = fsspec.filesystem("s3")
+    fs.copy(url, f"{s3}/damaged", recursive=True)
+    tar = bytearray(fs.cat(f"{s3}/damaged/shard-000001.tar"))
+    tar[700] ^= 1
+    fs.pipe(f"{s3}/damaged/shard-000001.tar", bytes(tar))
+    bad = verify_cli(f"{s3}/damaged/manifest.json")
+    assert bad.returncode == 1 and "shard-000001.tar" in bad.stdout and "shard-000000" not in bad.stdout
