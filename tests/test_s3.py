@@ -131,3 +131,14 @@ def test_verify_checks_a_shard_set_on_s3(s3, s3_shards):
     fs.pipe(f"{s3}/damaged/shard-000001.tar", bytes(tar))
     bad = verify_cli(f"{s3}/damaged/manifest.json")
     assert bad.returncode == 1 and "shard-000001.tar" in bad.stdout and "shard-000000" not in bad.stdout
+
+
+@pytest.mark.parametrize("key", ["run.output_dir", "data.cache_dir"])
+def test_run_and_cache_folders_on_s3_are_one_line_refusals(s3, s3_shards, tmp_path, key):
+    result = subprocess.run(train_cmd(tmp_path / "run", f"{s3_shards[0]}/manifest.json", f"{key}={s3}/run"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"picstream-train: error: config key '{key}' must be a local or shared POSIX folder, not a URL "
+        f"({s3}/run): " + ("the run lock and the checkpoints' renames" if key == "run.output_dir"
+                           else "the verified entries' renames") + " need one"]
+    assert not fsspec.filesystem("s3").exists(f"{s3}/run") and not (tmp_path / "run").exists()
