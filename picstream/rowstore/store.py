@@ -232,7 +232,7 @@ class RowStore:
         if local is not None and not os.path.lexists(local):
             return
         try:
-            root = _open_group(url, "r", storage_options)
+            root = _open_group(url, "r" if local is not None else "r+", storage_options)
             ours = root.attrs.get("format") == FORMAT
         except FileNotFoundError:
             ours = False
