@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
+
+from picstream import iopoints
+from picstream.rowstore import RowStore, StoreError, StoreNotFound
 
 from picstream.loader.cache import cache_name, matches_record
 from picstream.shards import ShardSet
@@ -98,21 +102,53 @@ def test_phases_on_dask_equal_the_one_command_build_on_s3(s3, s3_shards):
     assert ShardSet.open(f"{s3}/phased").verify() == []
 
 
-def test_training_streams_s3_shards_through_the_verified_cache(s3_shards, tmp_path):
+def test_training_streams_s3_shards_with_the_row_store_on_s3_and_resumes(s3, s3_shards, tmp_path):
+    """Shards from S3 through the verified cache and the row store on S3: the loss curve of the
+    all-local run (5 steps); then a resume from the step-2 checkpoint (the store on S3 returns to its
+    generation) repeats steps 2..4 exactly."""
     url, local = s3_shards
-    steps = "train.max_steps=6"
+    on_s3 = (f"data.cache_dir={tmp_path / 'cache'}", f"classifier.store={s3}/rows/run.zarr")
+    older = str(tmp_path / "s3" / "checkpoints" / "ckpt-000000002.pt")
     for name, manifest, extra in (("local", local / "manifest.json", ()),
-                                  ("s3", f"{url}/manifest.json", (f"data.cache_dir={tmp_path / 'cache'}",))):
-        result = subprocess.run(train_cmd(tmp_path / name, manifest, steps, *extra), capture_output=True,
-                                text=True, timeout=600)
+                                  ("s3", f"{url}/manifest.json", on_s3),
+                                  ("s3", f"{url}/manifest.json", (*on_s3, "--resume", older))):
+        result = subprocess.run(train_cmd(tmp_path / name, manifest, "train.checkpoint_every=2", *extra),
+                                capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
-    assert losses(tmp_path / "s3") == losses(tmp_path / "local") and len(losses(tmp_path / "s3")) >= 3
+    assert "moved 2 newer checkpoint(s) aside" in result.stderr and "at step 2" in result.stderr
+    expected = losses(tmp_path / "local")
+    assert len(expected) == 5 and losses(tmp_path / "s3") == expected  # steps 2..4 logged again
+    assert fsspec.filesystem("s3").exists(f"{s3}/rows/run.zarr/rowstore.json")
     ss = ShardSet.open(url)
     entries = [tmp_path / "cache" / cache_name(ss.shard_record(k)) for k in range(ss.num_shards)]
-    read = [e for e in entries if e.exists()]
-    assert read and all(matches_record(str(e), ss.shard_record(k)) for k, e in enumerate(entries) if e.exists())
+    assert any(e.exists() for e in entries)
+    assert all(matches_record(str(e), ss.shard_record(k)) for k, e in enumerate(entries) if e.exists())
     records = [json.loads(line) for line in (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped"] == 0 and records[-1]["retries"] == 0
+
+
+def test_an_interrupted_creation_on_s3_is_no_store_and_is_replaced(s3):
+    url = f"{s3}/interrupted/rows.zarr"
+
+    def stop_at_head(kind: str, key: str) -> None:
+        if key.endswith("rowstore.json"):
+            raise KeyboardInterrupt
+
+    iopoints.set_hook(stop_at_head)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            RowStore.create(url, 50, 2, chunk_rows=10)
+    finally:
+        iopoints.set_hook(None)
+    assert fsspec.filesystem("s3").exists(f"{url}/zarr.json")
+    with pytest.raises(StoreNotFound, match="an interrupted creation"):
+        RowStore.open(url)
+    store = RowStore.create(url, 50, 2, chunk_rows=10)
+    store.write([3], np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32), 1)
+    store.commit()
+    with pytest.raises(StoreError, match="already exists"):
+        RowStore.create(url, 50, 2, chunk_rows=10)
+    assert RowStore.open(url).read([3])[0].tolist() == [[1, 1]]
 
 
 def verify_cli(*args) -> subprocess.CompletedProcess:
