@@ -178,3 +178,20 @@ def test_run_and_cache_folders_on_s3_are_one_line_refusals(s3, s3_shards, tmp_pa
         f"({s3}/run): " + ("the run lock and the checkpoints' renames" if key == "run.output_dir"
                            else "the verified entries' renames") + " need one"]
     assert not fsspec.filesystem("s3").exists(f"{s3}/run") and not (tmp_path / "run").exists()
+
+
+def test_missing_buckets_are_one_line_errors_and_nothing_is_created(s3, wds_tars, tmp_path):
+    fs = fsspec.filesystem("s3")
+    out = make_shards_cli(wds_tars / "00000.tar", "s3://no-such-bucket/shards", "--quiet")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "make_shards: error: s3://no-such-bucket/shards: bucket no-such-bucket does not exist "
+        "(make_shards does not create buckets)"]
+    src = make_shards_cli("s3://no-such-bucket/wds/{00000..00001}.tar", f"{s3}/never", "--quiet")
+    assert src.returncode == 2 and src.stderr.strip().splitlines() == [
+        "make_shards: error: no .tar files found in s3://no-such-bucket/wds/{00000..00001}.tar"]
+    train = subprocess.run(train_cmd(tmp_path / "run", "s3://no-such-bucket/shards/manifest.json"),
+                           capture_output=True, text=True, timeout=600)
+    assert train.returncode == 2 and len(train.stderr.strip().splitlines()) == 1, train.stderr
+    assert train.stderr.startswith("picstream-train: error: ") and "no-such-bucket" in train.stderr
+    fs.invalidate_cache()
+    assert not fs.exists("no-such-bucket") and not fs.exists(f"{s3}/never") and not (tmp_path / "run").exists()

@@ -76,7 +76,7 @@ def _local_path(url) -> str | None:
 def _open_group(url, mode: str, storage_options: dict | None) -> zarr.Group:
     """The store's zarr group; at a URL without fsspec's listings cache (every listing and existence
     check asks the store: another process's objects are never hidden by a stale cache)."""
-    if _local_path(url) is None:
+    if isinstance(url, str) and _local_path(url) is None:
         storage_options = {"use_listings_cache": False, **(storage_options or {})}
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
