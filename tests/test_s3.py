@@ -3,6 +3,7 @@ s3fs, the same code paths a bucket on AWS takes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,61 @@ def test_verify_checks_a_shard_set_on_s3(s3, s3_shards):
 
 
 @pytest.mark.parametrize("key", ["run.output_dir", "data.cache_dir"])
+def test_run_and_cache_folders_on_s3_are_one_line_refusals(s3, tmp_path, key, capsys):
+    from picstream.train import main
+
+    argv = train_cmd(tmp_path / "run", f"{s3}/shards/manifest.json", f"{key}={s3}/run")[3:]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"picstream-train: error: config key '{key}' must be a local or shared POSIX folder, not a URL "
+        f"({s3}/run): " + ("the run lock and the checkpoints' renames" if key == "run.output_dir"
+                           else "the verified entries' renames") + " need one"]
+    assert not fsspec.filesystem("s3").exists(f"{s3}/run") and not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_creation_on_s3_is_no_store_and_is_replaced(s3):
+    url = f"{s3}/interrupted/rows.zarr"
+
+    def stop_at_head(kind: str, key: str) -> None:
+        if key.endswith("rowstore.json"):
+            raise KeyboardInterrupt
+
+    iopoints.set_hook(stop_at_head)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            RowStore.create(url, 50, 2, chunk_rows=10)
+    finally:
+        iopoints.set_hook(None)
+    assert fsspec.filesystem("s3").exists(f"{url}/zarr.json")
+    with pytest.raises(StoreNotFound, match="an interrupted creation"):
+        RowStore.open(url)
+    store = RowStore.create(url, 50, 2, chunk_rows=10)
+    store.write([3], np.ones((1, 2), np.float32), np.zeros((1, 2), np.float32), 1)
+    store.commit()
+    with pytest.raises(StoreError, match="already exists"):
+        RowStore.create(url, 50, 2, chunk_rows=10)
+    assert RowStore.open(url).read([3])[0].tolist() == [[1, 1]]
+
+
+def verify_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "picstream.verify", *map(str, args), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_verify_checks_a_shard_set_on_s3(s3, s3_shards):
+    url = s3_shards[0]
+    good = verify_cli(url)
+    assert good.returncode == 0, good.stderr
+    fs = fsspec.filesystem("s3")
+    fs.copy(url, f"{s3}/damaged", recursive=True)
+    tar = bytearray(fs.cat(f"{s3}/damaged/shard-000001.tar"))
+    tar[700] ^= 1
+    fs.pipe(f"{s3}/damaged/shard-000001.tar", bytes(tar))
+    bad = verify_cli(f"{s3}/damaged/manifest.json")
+    assert bad.returncode == 1 and "shard-000001.tar" in bad.stdout and "shard-000000" not in bad.stdout
+
+
+@pytest.mark.parametrize("key", ["run.output_dir", "data.cache_dir"])
 def test_run_and_cache_folders_on_s3_are_one_line_refusals(s3, s3_shards, tmp_path, key):
     result = subprocess.run(train_cmd(tmp_path / "run", f"{s3_shards[0]}/manifest.json", f"{key}={s3}/run"),
                             capture_output=True, text=True, timeout=600)
@@ -195,3 +251,31 @@ def test_missing_buckets_are_one_line_errors_and_nothing_is_created(s3, wds_tars
     assert train.stderr.startswith("picstream-train: error: ") and "no-such-bucket" in train.stderr
     fs.invalidate_cache()
     assert not fs.exists("no-such-bucket") and not fs.exists(f"{s3}/never") and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_training_through_a_faulty_s3_endpoint_equals_local(s3_server, s3_shards, tmp_path):
+    """503 SlowDown, 500 InternalError and connection resets (seeded) on the shards' and the row store's
+    requests: the same loss curve as the all-local run, nothing skipped."""
+    from s3_server import FaultyProxy
+
+    url, local = s3_shards
+    result = subprocess.run(train_cmd(tmp_path / "local", local / "manifest.json"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    proxy = FaultyProxy(s3_server, tmp_path / "served.log", seed=2, rate=0.3)
+    try:
+        result = subprocess.run(
+            train_cmd(tmp_path / "faulty", f"{url}/manifest.json", f"data.cache_dir={tmp_path / 'cache'}",
+                      f"classifier.store={url.rsplit('/', 1)[0]}/faulty-rows.zarr"),
+            capture_output=True, text=True, timeout=600, env={**os.environ, **proxy.env})
+    finally:
+        proxy.close()
+    assert result.returncode == 0, result.stderr
+    assert losses(tmp_path / "faulty") == losses(tmp_path / "local")
+    faults = {kind for _, kind in proxy.served() if kind != "ok"}
+    assert faults == {"503", "500", "reset"}
+    records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped"] == 0
+    print(f"faults served: {sum(k != 'ok' for _, k in proxy.served())} of {len(proxy.served())} requests; "
+          f"picstream retries: {records[-1]['retries_by_read']}")
