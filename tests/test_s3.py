@@ -255,8 +255,10 @@ def test_missing_buckets_are_one_line_errors_and_nothing_is_created(s3, wds_tars
 
 @pytest.mark.slow
 def test_training_through_a_faulty_s3_endpoint_equals_local(s3_server, s3_shards, tmp_path):
-    """503 SlowDown, 500 InternalError and connection resets (seeded) on the shards' and the row store's
-    requests: the same loss curve as the all-local run, nothing skipped."""
+    """503 SlowDown, 500 InternalError and connection resets (seeded, about 30% of the requests) on the
+    shards' and the row store's requests: the same loss curve as the all-local run, nothing skipped.
+    On S3 these are retried inside s3fs (botocore's retry policy) before picstream's RetryPolicy sees
+    an error, so they do not show in the metrics' ``retries``."""
     from s3_server import FaultyProxy
 
     url, local = s3_shards
@@ -277,5 +279,3 @@ def test_training_through_a_faulty_s3_endpoint_equals_local(s3_server, s3_shards
     assert faults == {"503", "500", "reset"}
     records = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped"] == 0
-    print(f"faults served: {sum(k != 'ok' for _, k in proxy.served())} of {len(proxy.served())} requests; "
-          f"picstream retries: {records[-1]['retries_by_read']}")
