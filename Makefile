@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
 FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: install demo test bench gpu-check ffcv parquet cluster clean
+.PHONY: install demo test bench gpu-check ffcv parquet cluster s3 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ parquet: $(STAMP)
 # Optional: distributed packing on Dask (`make_shards pack --dask`, `.[cluster]`).
 cluster: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev,cluster]"
+
+# Optional: s3:// URLs through s3fs (`.[s3]`); the tests run against moto's S3 server on 127.0.0.1.
+s3: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[dev,s3]"
 
 demo: $(STAMP)
 	$(VENV)/bin/picstream-demo

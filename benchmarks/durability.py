@@ -39,16 +39,21 @@ def measure(durable: bool, args, root: str) -> dict:
     return {"steps_per_s": args.steps / total, "commit_ms": 1000 * float(np.mean(commit_s))}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized: N = 32768, 60 steps")
-    p.add_argument("--dir", help="where the stores go (default: a temporary folder)")
-    args = p.parse_args()
+def workload(args):
+    """The workload's sizes on ``args`` (``args.quick``: the CI size); returns ``args``."""
     scale = 4 if args.quick else 1
     args.num_rows, args.dim, args.batch = 131072 // scale, 128, 512
     args.capacity, args.window, args.stride = 16384 // scale, 32768 // scale, 4096 // scale
     args.chunk_rows = args.stride
     args.steps, args.commit_every = (60, 20) if args.quick else (256, 64)
+    return args
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized: N = 32768, 60 steps")
+    p.add_argument("--dir", help="where the stores go (default: a temporary folder)")
+    args = workload(p.parse_args())
 
     results = {"process": [], "power": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

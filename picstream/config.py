@@ -361,6 +361,11 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
         raise ConfigError("config key 'classifier.recent_k' must be >= 'optim.batch_size'")
+    for key, folder, why in (("run.output_dir", config.run.output_dir, "the run lock and the checkpoints' renames"),
+                             ("data.cache_dir", config.data.cache_dir, "the verified entries' renames")):
+        if folder and "://" in folder:
+            raise ConfigError(f"config key '{key}' must be a local or shared POSIX folder, not a URL ({folder}): "
+                              f"{why} need one")
     if not config.data.train:
         raise ConfigError("config key 'data.train' must name a shard manifest (path or URL) or a .beton")
     if len(config.data.crop_scale) != 2 or not 0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1:

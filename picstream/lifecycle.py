@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
+import fsspec
 import torch
 import yaml
 
@@ -161,7 +162,8 @@ class RunLifecycle:
         """The checkpoint this start continues from (None: a fresh start at step 0). Rank 0 only;
         an explicit older checkpoint of this run moves the newer ones aside."""
         remove_stale_temporaries(self.ckpt_dir)
-        store_exists = Path(store_url_of_rank(self.store_url, 0)).exists()
+        store_fs, store_path = fsspec.core.url_to_fs(store_url_of_rank(self.store_url, 0))
+        store_exists = store_fs.exists(store_path)
         if resume == "none":
             if list_checkpoints(self.ckpt_dir) or store_exists:
                 raise ConfigError(f"{self.run_dir} already holds a run (checkpoints or a row store); "

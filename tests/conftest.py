@@ -61,3 +61,30 @@ def shapes_shards(tmp_path_factory) -> tuple[Path, Path]:
         make_shards(str(images), str(root / split), shard_size=64, seed=seed, progress=False)
         manifests.append(root / split / "manifest.json")
     return manifests[0], manifests[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (tests/s3_server.py), one per test session."""
+    require("s3fs")
+    require("moto")
+    from s3_server import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server) -> str:
+    """A fresh bucket on the local S3 server for a test module; returns ``s3://<bucket>``. The endpoint
+    and the fake credentials are in this module's environment only (subprocesses inherit them)."""
+    import s3fs
+    from s3_server import new_bucket
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3_server.env.items():
+            env.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield f"s3://{new_bucket()}"
+        s3fs.S3FileSystem.clear_instance_cache()

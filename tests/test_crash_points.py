@@ -32,10 +32,15 @@ def rows_of(step: int, branch: int) -> np.ndarray:
     return np.random.default_rng([step, branch]).choice(N, 10, replace=False)
 
 
+def store_url(root: Path) -> str:
+    """Where the scenario under ``root`` keeps its row store (tests/test_s3_crash_points.py: on S3)."""
+    return str(root / "rows.zarr")
+
+
 def run(root: Path, *, last_step: int, branch: int, resume: str = "auto", ckpt_every: int = 2,
         keep: int = 2, durable: bool = False) -> None:
     """One trainer-like command: resume (or start fresh), write rows step by step, checkpoint, prune."""
-    url, ckpts = str(root / "rows.zarr"), root / "ckpt"
+    url, ckpts = store_url(root), root / "ckpt"
     remove_stale_temporaries(ckpts)
     if resume == "auto":
         found = latest_valid_checkpoint(ckpts, log=lambda _: None)
@@ -87,7 +92,7 @@ def recover(root: Path, interrupted: int) -> None:
 
 
 def final_state(root: Path) -> tuple:
-    store = RowStore.open(str(root / "rows.zarr"))
+    store = RowStore.open(store_url(root))
     newest = load_checkpoint(list_checkpoints(root / "ckpt")[-1])
     store.restore(newest["generation"])
     return store.read(np.arange(N)), newest["step"], [p.name for p in list_checkpoints(root / "ckpt")]

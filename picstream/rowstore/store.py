@@ -74,6 +74,10 @@ def _local_path(url) -> str | None:
 
 
 def _open_group(url, mode: str, storage_options: dict | None) -> zarr.Group:
+    """The store's zarr group; at a URL without fsspec's listings cache (every listing and existence
+    check asks the store: another process's objects are never hidden by a stale cache)."""
+    if isinstance(url, str) and _local_path(url) is None:
+        storage_options = {"use_listings_cache": False, **(storage_options or {})}
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
 
@@ -169,7 +173,8 @@ class RowStore:
         """Create an empty store (no chunk is written: every row reads as its initial value).
 
         A local store is built in a temporary folder beside ``url`` and renamed into place, so it
-        either exists whole or not at all; elsewhere the head is written last."""
+        either exists whole or not at all; elsewhere the head is written last (what a killed creation
+        left, a row store group without a head, is deleted first)."""
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise ValueError("dtype must be float32 or float64")
         attrs = {"format": FORMAT, "num_rows": int(num_rows), "dim": int(dim), "seed": int(seed),
@@ -177,6 +182,7 @@ class RowStore:
         head = {"store_id": uuid.uuid4().hex, "run_id": run_id}
         local = _local_path(url)
         if local is None:
+            cls._remove_interrupted_creation(url, storage_options)
             cls._build(url, attrs, head, np.dtype(dtype), storage_options, durable)
         else:
             if os.path.lexists(local):
@@ -197,6 +203,17 @@ class RowStore:
             if durable:
                 fsync_path(parent)
         return cls.open(url, cache_rows=cache_rows, storage_options=storage_options, durable=durable)
+
+    @staticmethod
+    def _remove_interrupted_creation(url, storage_options) -> None:
+        """Delete a row store group without a head at the URL ``url``; refuse anything else there."""
+        try:
+            root = _open_group(url, "r+", storage_options)
+        except FileNotFoundError:
+            return
+        if root.attrs.get("format") != FORMAT or _io_for(root, False).exists(HEAD):
+            raise StoreError(f"{url} already exists")
+        sync(root.store.delete_dir(root.path))
 
     @staticmethod
     def _build(url, attrs: dict, head: dict, dtype, storage_options, durable: bool) -> None:
@@ -232,7 +249,7 @@ class RowStore:
         if local is not None and not os.path.lexists(local):
             return
         try:
-            root = _open_group(url, "r", storage_options)
+            root = _open_group(url, "r" if local is not None else "r+", storage_options)
             ours = root.attrs.get("format") == FORMAT
         except FileNotFoundError:
             ours = False
@@ -258,8 +275,9 @@ class RowStore:
 
     def _read_head(self, key: str) -> dict:
         raw = self._io.get(key)
-        if raw is None:
-            raise StoreError(f"row store {self._root.store} has no {key} (an interrupted creation)")
+        if raw is None:  # the top-level head is written last: without it there is no store yet
+            raise (StoreNotFound if key == HEAD else StoreError)(
+                f"row store {self._root.store} has no {key} (an interrupted creation)")
         head = json.loads(raw)
         if head.get("format") != FORMAT:
             raise StoreError(f"row store {self._root.store}: {key} is not of format {FORMAT}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import fsspec
 
 from . import format as F
+from .buckets import check_bucket
 from .finalize import finalize
 from .format import ShardsError
 from .plan import make_plan, output_op, plan_path
@@ -54,10 +55,11 @@ def plan_shards(src, out, *, shard_size: int = 1024, seed: int = 0, labels: bool
     if spare is not None and not 0 <= spare <= 1:
         raise ShardsError(f"spare must be in [0, 1], got {spare}")
     so = storage_options or {}
+    fs, root = output_op(str(out), lambda: fsspec.core.url_to_fs(str(out), **so))
+    output_op(str(out), lambda: check_bucket(str(out), fs, root))
     listing = list_inputs(src, labels=labels, storage_options=so, exclude=str(out), source=source)
     options = dict(labels=labels, max_side=max_side, resize_short=resize_short, quality=quality,
                    **listing.options)
-    fs, root = output_op(str(out), lambda: fsspec.core.url_to_fs(str(out), **so))
     plan = make_plan(listing, str(out), fs, root, seed=seed, shard_size=shard_size, options=options,
                      spare=spare, tmp=tmp)
     return plan, listing, fs, root
