@@ -19,6 +19,7 @@ the sort: (RUN + FAN_IN·BATCH) inputs, independent of N.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -60,6 +61,7 @@ class Plan:
     source: dict  # url, kind
     label_names: list | None
     spare: int | None  # reserve inputs per unit (None: no units)
+    removed: dict | None = None  # inputs removed as copies, per reason (hygiene.py)
 
     @property
     def reserve(self) -> int:
@@ -155,8 +157,9 @@ class ExternalSort:
 
 
 def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, options: dict,
-              spare: float | None, tmp: str | None = None) -> Plan:
-    """Write the plan of `listing` under OUT (or reuse a finished one of the same fingerprint)."""
+              spare: float | None, tmp: str | None = None, clean=None) -> Plan:
+    """Write the plan of `listing` under OUT (or reuse a finished one of the same fingerprint).
+    `clean(plan)`: run on the written lists before `plan.json`, returns the removal counts."""
     header = dict(version=F.FORMAT_VERSION, seed=seed, shard_size=shard_size, options=options,
                   spare=spare)
     digest = hashlib.sha256(F.json_bytes(header))
@@ -181,6 +184,8 @@ def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, o
                     label_names, r)
         coded = (Input(i.name, i.locator, listing.labels.code(i.label)) for i in ext)
         _write_lists(fs, plan_path(root), coded, plan)
+        if clean is not None:
+            plan = dataclasses.replace(plan, removed=clean(plan))
         F.write_atomic(fs, F.join(plan_path(root), PLAN_FILE), json.dumps(plan.__dict__, indent=1).encode())
     shutil.rmtree(folder, ignore_errors=True)
     return plan
