@@ -25,7 +25,7 @@ def synthetic_items(n: int, n_eval: int, seed: int) -> list[Item]:
         area, size = int(rng.integers(1, 4)) * 100, int(rng.integers(1, 3))
         is_eval = k >= n
         name = f"e{k}" if is_eval else f"t{k}"
-        items.append(Item(rank_key(is_eval, area, size, name, k), -1 if is_eval else k, name,
+        items.append(Item(rank_key(is_eval, area, True, size, name, k), -1 if is_eval else k, name,
                           "val" if is_eval else None, bytes([size]), pixels + bytes([area // 100]), h))
     return items
 
@@ -69,12 +69,17 @@ def test_removals_match_the_brute_force_oracle(mode, n_eval, tmp_path, monkeypat
     assert not (tmp_path / "scratch").exists()
 
 
-def test_the_kept_copy_is_the_largest_then_the_first_name(tmp_path):
-    def item(name, area, size, g):
-        return Item(rank_key(False, area, size, name, g), g, name, None, b"f", b"p" * 16, 7)
-    items = [item("b", 100, 5, 0), item("a", 100, 5, 1), item("c", 400, 1, 2), item("d", 100, 9, 3)]
-    got = list(removals(iter(items), "exact", 0, False, str(tmp_path / "s")))
-    assert [(r.g, r.match) for r in got] == [(0, "c"), (1, "c"), (3, "c")]
+def test_the_kept_copy_is_the_largest_picture_then_a_jpeg_then_the_largest_file_then_the_first_name(tmp_path):
+    def item(name, area, jpeg, size, g):
+        return Item(rank_key(False, area, jpeg, size, name, g), g, name, None, b"f", b"p" * 16, 7)
+
+    def kept(*items):
+        got = list(removals(iter(items), "exact", 0, False, str(tmp_path / "s")))
+        assert len(got) == len(items) - 1
+        return {it.name for it in items} - {items[r.g].name for r in got}
+    assert kept(item("b", 100, True, 5, 0), item("a", 100, True, 5, 1), item("c", 400, False, 1, 2)) == {"c"}
+    assert kept(item("png", 100, False, 9, 0), item("q", 100, True, 5, 1), item("p", 100, True, 6, 2)) == {"p"}
+    assert kept(item("b", 100, True, 5, 0), item("a", 100, True, 5, 1)) == {"a"}
 
 
 def jpeg(img: Image.Image, **kw) -> bytes:

@@ -1,8 +1,9 @@
 """Which plan inputs are removed as copies, in bounded memory (external sorts, plan.ExternalSort).
 
 Items are the hashed training inputs (plan position `g`) and evaluation images (`src` = their eval set).
-Every item has a rank: evaluation images first, then the larger picture (width × height), then the
-larger file, then the name; of two copies the higher-ranked one is kept.
+Every item has a rank: evaluation images first, then the larger picture (width × height), then a JPEG
+(pack stores it byte-identical) before other formats, then the larger file (for JPEGs of one size: the
+higher quality), then the name; of two copies the higher-ranked one is kept.
 
 1. exact: sort by pixel hash; in each group of identical pixels the first item is kept. The others are
    `duplicate` (same bytes or same pixels), or `contaminates <eval set>` when the first is an
@@ -54,10 +55,11 @@ class Removal(NamedTuple):
     match: str  # name of the input (or eval image) it copies
 
 
-def rank_key(is_eval: bool, area: int, size: int, name: str, serial: int) -> bytes:
-    """Items in keeping order: eval images, larger pictures, larger files, names; `serial` makes it unique."""
-    return (bytes([0 if is_eval else 1]) + (_TOP - area).to_bytes(8, "big") + (_TOP - size).to_bytes(8, "big")
-            + name.encode() + b"\0" + serial.to_bytes(8, "big"))
+def rank_key(is_eval: bool, area: int, jpeg: bool, size: int, name: str, serial: int) -> bytes:
+    """Items in keeping order: eval images, larger pictures, JPEGs (stored as they are), larger files,
+    names; `serial` makes it unique."""
+    return (bytes([0 if is_eval else 1]) + (_TOP - area).to_bytes(8, "big") + bytes([0 if jpeg else 1])
+            + (_TOP - size).to_bytes(8, "big") + name.encode() + b"\0" + serial.to_bytes(8, "big"))
 
 
 def removals(items: Iterable[Item], mode: str, threshold: int, with_eval: bool, folder: str) -> Iterator[Removal]:

@@ -3,7 +3,7 @@ computes them for the inputs of one plan list file (run as local processes or Da
 
 Per valid image: `file` (blake2b-8 of the file), `pixels` (blake2b-16 of the size and the decoded RGB
 pixels after EXIF orientation: equal for the same picture under any lossless encoding), `phash` (64-bit
-perceptual hash) and the size used to choose which copy is kept. The perceptual hash is a pHash made
+perceptual hash) and the area, format and size that choose which copy is kept. The perceptual hash is a pHash made
 blind to horizontal flips (the trainer's augmentation flips, so an image and its mirror are one
 instance): the grayscale 32x32 thumbnail's 2-D DCT, the 64 coefficients with an even horizontal
 frequency (u = 0, 2, ..., 14; v = 0..7: the ones a mirror leaves unchanged), one bit each for "above
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import format as F
-from .convert import _decode, _open, to_rgb
+from .convert import JPEG_FORMATS, _decode, _open, to_rgb
 from .plan import output_op, plan_path
 from .sources import read_sample
 
@@ -34,6 +34,7 @@ class ImageHash:
     pixels: bytes  # blake2b-16 of (width, height, RGB pixels)
     phash: int  # 64-bit, flip-blind
     area: int  # width * height
+    jpeg: bool  # a JPEG file (pack stores it as it is; other formats are re-encoded)
     size: int  # file bytes
 
 
@@ -59,6 +60,7 @@ def image_hash(data: bytes) -> ImageHash | None:
     """The hashes of one image file; None when it does not decode."""
     try:
         img = _open(data)
+        jpeg = img.format in JPEG_FORMATS
         _decode(img)
         img = to_rgb(ImageOps.exif_transpose(img))
     except Exception:  # noqa: BLE001 - pack reports why the input is unusable
@@ -67,7 +69,7 @@ def image_hash(data: bytes) -> ImageHash | None:
     pixels = hashlib.blake2b(w.to_bytes(4, "big") + h.to_bytes(4, "big") + img.tobytes(), digest_size=16)
     thumb = img.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
     return ImageHash(hashlib.blake2b(data, digest_size=8).digest(), pixels.digest(),
-                     perceptual_hash(np.asarray(thumb, dtype=np.float64)), w * h, len(data))
+                     perceptual_hash(np.asarray(thumb, dtype=np.float64)), w * h, jpeg, len(data))
 
 
 def hash_inputs(inputs, so: dict | None = None) -> list[ImageHash | None]:

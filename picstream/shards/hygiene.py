@@ -117,13 +117,13 @@ def _items(fs, root: str, lists: list, evals: list) -> Iterator[Item]:
     """The hashed training inputs (in plan order), then the eval images."""
     for name, g0 in lists:
         for i, inp, h in _hashed(fs, root, name):
-            yield Item(rank_key(False, h.area, h.size, inp.name, g0 + i), g0 + i, inp.name, None,
+            yield Item(rank_key(False, h.area, h.jpeg, h.size, inp.name, g0 + i), g0 + i, inp.name, None,
                        h.file, h.pixels, h.phash)
     serial = itertools.count()
     for src, files in evals:
         for name in files:
             for _, inp, h in _hashed(fs, root, name):
-                yield Item(rank_key(True, h.area, h.size, inp.name, next(serial)), -1, inp.name, src,
+                yield Item(rank_key(True, h.area, h.jpeg, h.size, inp.name, next(serial)), -1, inp.name, src,
                            h.file, h.pixels, h.phash)
 
 
