@@ -1,7 +1,7 @@
 """Content hashes of one image for make_shards' duplicate removal (dedup.py), and the hash pass that
 computes them for the inputs of one plan list file (run as local processes or Dask tasks, like pack).
 
-Per valid image: `file` (blake2b-8 of the file), `pixels` (blake2b-16 of the size and the decoded RGB
+Per valid image: `file` (xxh3-64 of the file), `pixels` (xxh3-128 of the size and the decoded RGB
 pixels after EXIF orientation: equal for the same picture under any lossless encoding), `phash` (64-bit
 perceptual hash) and the area, format and size that choose which copy is kept. The perceptual hash is a pHash made
 blind to horizontal flips (the trainer's augmentation flips, so an image and its mirror are one
@@ -11,16 +11,16 @@ their median". An input that cannot be decoded gets no hash (pack then skips it 
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import xxhash
 from PIL import Image, ImageOps
 
 from . import format as F
-from .convert import JPEG_FORMATS, _decode, _open, to_rgb
+from .convert import JPEG_FORMATS, ORIENTATION_TAG, _decode, _open, to_rgb
 from .plan import output_op, plan_path
 from .sources import read_sample
 
@@ -30,8 +30,8 @@ HASH_PREFIX = "hashes-"  # plan/hashes-<list file>: one record (or None) per inp
 
 @dataclass(frozen=True)
 class ImageHash:
-    file: bytes  # blake2b-8 of the file
-    pixels: bytes  # blake2b-16 of (width, height, RGB pixels)
+    file: bytes  # xxh3-64 of the file
+    pixels: bytes  # xxh3-128 of (width, height, RGB pixels)
     phash: int  # 64-bit, flip-blind
     area: int  # width * height
     jpeg: bool  # a JPEG file (pack stores it as it is; other formats are re-encoded)
@@ -61,14 +61,18 @@ def image_hash(data: bytes) -> ImageHash | None:
     try:
         img = _open(data)
         jpeg = img.format in JPEG_FORMATS
+        turned = img.getexif().get(ORIENTATION_TAG, 1) in range(2, 9)
         _decode(img)
-        img = to_rgb(ImageOps.exif_transpose(img))
+        img = to_rgb(ImageOps.exif_transpose(img) if turned else img)
     except Exception:  # noqa: BLE001 - pack reports why the input is unusable
         return None
     w, h = img.size
-    pixels = hashlib.blake2b(w.to_bytes(4, "big") + h.to_bytes(4, "big") + img.tobytes(), digest_size=16)
-    thumb = img.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
-    return ImageHash(hashlib.blake2b(data, digest_size=8).digest(), pixels.digest(),
+    pixels = xxhash.xxh3_128(w.to_bytes(4, "big") + h.to_bytes(4, "big"))
+    pixels.update(img.tobytes())
+    gray = img.convert("L")
+    factor = min(w, h) // (2 * THUMB)
+    thumb = (gray.reduce(factor) if factor > 1 else gray).resize((THUMB, THUMB), Image.Resampling.BOX)
+    return ImageHash(xxhash.xxh3_64_digest(data), pixels.digest(),
                      perceptual_hash(np.asarray(thumb, dtype=np.float64)), w * h, jpeg, len(data))
 
 
