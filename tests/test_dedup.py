@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from picstream.shards import dedup as D
 from picstream.shards import plan as P
 from picstream.shards.dedup import BANDS, Item, Removal, rank_key, removals
 from picstream.shards.hashing import image_hash, perceptual_hash
@@ -57,7 +58,7 @@ def oracle(items: list[Item], mode: str, threshold: int, with_eval: bool) -> lis
 @pytest.mark.parametrize("mode,n_eval", [("exact", 0), ("near", 0), ("none", 40), ("exact", 40), ("near", 40)])
 def test_removals_match_the_brute_force_oracle(mode, n_eval, tmp_path, monkeypatch):
     # small runs and fan-in: every sort spills and merges in more than one pass
-    monkeypatch.setattr(P, "RUN", 97)
+    monkeypatch.setattr(D, "RUN", 97)
     monkeypatch.setattr(P, "FAN_IN", 3)
     monkeypatch.setattr(P, "BATCH", 16)
     items = synthetic_items(600, n_eval, seed=len(mode) + n_eval)
