@@ -123,10 +123,12 @@ def bucket_matches(bucket: list[Item], train_pairs: bool, threshold: int) -> Ite
     allowed = np.ones(len(bucket), bool) if train_pairs else is_eval
     for lo in range(0, len(bucket), BLOCK):
         cols = np.arange(lo, min(lo + BLOCK, len(bucket)))
-        dist = np.bitwise_count(hashes[:, None] ^ hashes[None, cols])  # (bucket, block)
-        ok = (dist <= threshold) & allowed[:, None] & (np.arange(len(bucket))[:, None] < cols[None, :])
-        ok &= ~is_eval[None, cols]
+        rows = np.flatnonzero(allowed[:cols[-1]])  # the items that may be kept for one of these
+        if not len(rows):
+            continue
+        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, cols])  # (rows, block)
+        ok = (dist <= threshold) & (rows[:, None] < cols[None, :]) & ~is_eval[None, cols]
         has = ok.any(axis=0)
         first = ok.argmax(axis=0)
         for c in np.flatnonzero(has):
-            yield int(cols[c]), int(first[c]), int(dist[first[c], c])
+            yield int(cols[c]), int(rows[first[c]]), int(dist[first[c], c])
