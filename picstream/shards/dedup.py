@@ -18,7 +18,7 @@ higher quality), then the name; of two copies the higher-ranked one is kept.
 
 A removed input names the item it matches, which is kept or itself removed with its own match (a chain
 of ever higher rank ending at a kept input or an eval image). Memory: at most two sorts fill a buffer
-(RUN items) while one or two merge (FAN_IN x BATCH items each), plus the largest bucket (one band
+(RUN items) while one or two merge (plan.FAN_IN x BATCH items each), plus the largest bucket (one band
 value: about N / 256 survivors for uniform hashes).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ MODES = ("exact", "near", "none")
 DEFAULT_THRESHOLD = 8
 BANDS = 8  # 8-bit bands of the 64-bit perceptual hash
 BLOCK = 2048  # bucket rows compared at once (BLOCK x bucket distances in memory)
-RUN = 16384  # items per spilled run of each sort (up to four sorts hold a buffer or a merge at once)
+RUN = 16384  # items per spilled run of each sort (at most two fill a buffer while two merge)
+BATCH = 256  # items per pickled batch (a merge holds FAN_IN batches)
 _TOP = (1 << 63) - 1
 
 
@@ -69,9 +70,9 @@ def removals(items: Iterable[Item], mode: str, threshold: int, with_eval: bool, 
     order. `folder`: local scratch space, emptied first and removed at the end."""
     shutil.rmtree(folder, ignore_errors=True)  # never reuse the runs of another resolution
     try:
-        out = ExternalSort(os.path.join(folder, "removed"), RUN)
-        bands = ExternalSort(os.path.join(folder, "bands"), RUN) if mode == "near" or with_eval else None
-        groups = ExternalSort(os.path.join(folder, "exact"), RUN)
+        out = ExternalSort(os.path.join(folder, "removed"), RUN, batch=BATCH)
+        bands = ExternalSort(os.path.join(folder, "bands"), RUN, batch=BATCH) if mode == "near" or with_eval else None
+        groups = ExternalSort(os.path.join(folder, "exact"), RUN, batch=BATCH)
         for it in items:
             groups.add(it.pixels + it.rank, it)
         for r in _exact(groups, mode, bands):
@@ -102,7 +103,7 @@ def _exact(groups: ExternalSort, mode: str, bands: ExternalSort | None) -> Itera
 
 def _near(bands: ExternalSort, mode: str, threshold: int, folder: str) -> Iterator[Removal]:
     """Removals of near copies: the best match of each training item over all band buckets."""
-    matches = ExternalSort(folder, RUN)
+    matches = ExternalSort(folder, RUN, batch=BATCH)
     for (b, _), entries in itertools.groupby(bands, key=lambda e: e[:2]):
         bucket = [e[2] for e in entries]
         for j, i, d in bucket_matches(bucket, mode == "near", threshold):

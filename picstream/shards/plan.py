@@ -79,14 +79,15 @@ def sort_key(name: str, key: bytes, position: int) -> bytes:
 
 class ExternalSort:
     """Sort (key, item) pairs (unique keys) in bounded memory: runs of `run` pairs are sorted and pickled
-    to `folder` in batches, then merged `fan_in` at a time with heapq.
+    to `folder` in batches of `batch`, then merged `fan_in` at a time with heapq (fan_in x batch pairs
+    in memory).
 
     Resumable: each run is recorded in `folder/runs.json` with the sha256 of the `line`s added with its
     pairs, and kept until the folder is removed. A sort started again in the same folder reuses each
     recorded run whose lines match and makes the first one that differs, and those after it, again."""
 
-    def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None):
-        self.folder, self.run, self.fan_in = folder, run or RUN, fan_in or FAN_IN
+    def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None, batch: int | None = None):
+        self.folder, self.run, self.fan_in, self.batch = folder, run or RUN, fan_in or FAN_IN, batch or BATCH
         self.buf: list = []
         self.digest = hashlib.sha256()
         self.runs: list[str] = []  # this sort's runs, in listing order
@@ -125,7 +126,7 @@ class ExternalSort:
         point("create", path)
         with open(path, "wb") as f:
             it = iter(pairs)
-            while batch := list(itertools.islice(it, BATCH)):
+            while batch := list(itertools.islice(it, self.batch)):
                 pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
