@@ -61,6 +61,7 @@ def test_removals_match_the_brute_force_oracle(mode, n_eval, tmp_path, monkeypat
     monkeypatch.setattr(D, "RUN", 97)
     monkeypatch.setattr(P, "FAN_IN", 3)
     monkeypatch.setattr(D, "BATCH", 16)
+    monkeypatch.setattr(D, "BLOCK", 2)  # buckets compared in several row and column blocks
     items = synthetic_items(600, n_eval, seed=len(mode) + n_eval)
     threshold = BANDS - 1  # below BANDS differing bits the band search is exact (pigeonhole)
     got = list(removals(iter(items), mode, threshold, n_eval > 0, str(tmp_path / "scratch")))

@@ -35,7 +35,7 @@ from .plan import ExternalSort
 MODES = ("exact", "near", "none")
 DEFAULT_THRESHOLD = 8
 BANDS = 8  # 8-bit bands of the 64-bit perceptual hash
-BLOCK = 2048  # bucket rows compared at once (BLOCK x bucket distances in memory)
+BLOCK = 1024  # bucket items compared at once (BLOCK x BLOCK distances in memory)
 RUN = 16384  # items per spilled run of each sort (at most two fill a buffer while two merge)
 BATCH = 256  # items per pickled batch (a merge holds FAN_IN batches)
 _TOP = (1 << 63) - 1
@@ -121,15 +121,18 @@ def bucket_matches(bucket: list[Item], train_pairs: bool, threshold: int) -> Ite
     is_eval = np.array([it.src is not None for it in bucket])
     if not train_pairs and (is_eval.all() or not is_eval.any()):
         return
-    allowed = np.ones(len(bucket), bool) if train_pairs else is_eval
+    allowed = np.flatnonzero(np.ones(len(bucket), bool) if train_pairs else is_eval)
     for lo in range(0, len(bucket), BLOCK):
         cols = np.arange(lo, min(lo + BLOCK, len(bucket)))
-        rows = np.flatnonzero(allowed[:cols[-1]])  # the items that may be kept for one of these
-        if not len(rows):
-            continue
-        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, cols])  # (rows, block)
-        ok = (dist <= threshold) & (rows[:, None] < cols[None, :]) & ~is_eval[None, cols]
-        has = ok.any(axis=0)
-        first = ok.argmax(axis=0)
-        for c in np.flatnonzero(has):
-            yield int(cols[c]), int(rows[first[c]]), int(dist[first[c], c])
+        best = np.full(len(cols), -1)  # the first match of each column (row order = rank order)
+        dist_best = np.zeros(len(cols), int)
+        candidates = allowed[allowed < cols[-1]]  # the items that may be kept for one of these
+        for r0 in range(0, len(candidates), BLOCK):
+            rows = candidates[r0:r0 + BLOCK]
+            dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, cols])  # (BLOCK, BLOCK)
+            ok = (dist <= threshold) & (rows[:, None] < cols[None, :]) & ~is_eval[None, cols]
+            new = ok.any(axis=0) & (best < 0)
+            first = ok.argmax(axis=0)
+            best[new], dist_best[new] = rows[first[new]], dist[first[new], np.flatnonzero(new)]
+        for c in np.flatnonzero(best >= 0):
+            yield int(cols[c]), int(best[c]), int(dist_best[c])
