@@ -139,12 +139,14 @@ def quality(tmp: Path, n_orig: int, n_distinct: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI size: N = 1e4, 1e5; 200 images")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                    help="N of the memory rows (default 1e5 1e6; --quick: 1e4 1e5)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child_memory(int(args.child[0]), args.child[1])))
         return
-    sizes = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
+    sizes = args.sizes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
     n_images = 200 if args.quick else 1000
     with tempfile.TemporaryDirectory() as tmp:
         print("| N (synthetic hashes, --dedup near) | s | µs/input | peak RSS MB | removed |\n"
