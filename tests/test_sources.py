@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 from picstream.shards import ShardSet, make_shards
+from picstream.shards.hygiene import Hygiene
 from picstream.shards.sources import SourceOptions, detect_kind
 from test_shards_http import RangeHandler, serve
 
@@ -181,8 +182,9 @@ def test_parquet_round_trip(samples, tmp_path):
         pq.write_table(pa.Table.from_pylist(rows[part * 18:(part + 1) * 18]), src / f"train-{part}.parquet",
                        row_group_size=5)
     out = tmp_path / "out"
+    # row 4 repeats row 0's image on purpose (a file referenced by path): kept with --dedup none
     run = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), str(out),
-                          "--label-column", "fine", "--shard-size", "8", "--quiet"],
+                          "--label-column", "fine", "--shard-size", "8", "--quiet", "--dedup", "none"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     expected = {f"train-{i // 18}.parquet/{i % 18}": (samples[i][1], CLASSES[samples[i][2]])
@@ -198,10 +200,11 @@ def test_parquet_round_trip(samples, tmp_path):
     for p in [out / "manifest.json", *out.glob("shard-00000[1-9].*")]:
         p.unlink()
     opts = SourceOptions(label_column="fine")
-    summary = make_shards(src, out, shard_size=8, workers=2, progress=False, source=opts)
+    keep = Hygiene("none")
+    summary = make_shards(src, out, shard_size=8, workers=2, progress=False, source=opts, hygiene=keep)
     assert summary.resumed_shards == 1 and shard_files(out) == complete
     make_shards(str(src / "train-{0..1}.parquet"), tmp_path / "brace", shard_size=8, progress=False,
-                source=opts)
+                source=opts, hygiene=keep)
     assert shard_files(tmp_path / "brace") == complete
 
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), str(src), str(tmp_path / "x"),

@@ -16,6 +16,7 @@ from . import format as F
 from .buckets import check_bucket
 from .finalize import finalize
 from .format import ShardsError
+from .hygiene import Hygiene, clean_plan
 from .plan import make_plan, output_op, plan_path
 from .sources import SourceOptions, list_inputs
 
@@ -25,6 +26,7 @@ class ShardSummary:
     inputs: int
     packed: int
     skipped: int
+    reasons: dict  # skipped inputs per reason (removed copies included)
     converted: int
     num_shards: int
     resumed_shards: int  # finished shards found (and verified) from an earlier run
@@ -36,8 +38,14 @@ class ShardSummary:
     def line(self) -> str:
         rate = (self.processed / self.seconds) if self.seconds > 0 else 0.0
         return (f"packed {self.packed} of {self.inputs} inputs into {self.num_shards} shards "
-                f"({self.skipped} skipped, {self.converted} converted, {self.resumed_shards} shards resumed) "
+                f"({self.skipped} skipped{by_reason(self.reasons)}, {self.converted} converted, "
+                f"{self.resumed_shards} shards resumed) "
                 f"in {self.seconds:.1f} s ({rate:.0f} img/s): {self.manifest}")
+
+
+def by_reason(counts: dict | None) -> str:
+    """` [3 duplicate, 1 corrupt]` (empty for no count): the summary lines' counts per skip reason."""
+    return f" [{', '.join(f'{n} {r}' for r, n in counts.items())}]" if counts else ""
 
 
 def check_options(shard_size: int, workers: int, max_side: int | None, resize_short: int | None,
@@ -49,9 +57,13 @@ def check_options(shard_size: int, workers: int, max_side: int | None, resize_sh
 def plan_shards(src, out, *, shard_size: int = 1024, seed: int = 0, labels: bool = True,
                 max_side: int | None = None, resize_short: int | None = None, quality: int = 90,
                 storage_options: dict | None = None, source: SourceOptions | None = None,
-                spare: float | None = 0.0625, tmp: str | None = None):
-    """Phase 1: list SRC and write the plan under OUT (see plan.py); returns (plan, listing, fs, root)."""
-    check_options(shard_size, 1, max_side, resize_short, quality)
+                spare: float | None = 0.0625, tmp: str | None = None, hygiene: Hygiene | None = None,
+                workers: int = 1, client=None):
+    """Phase 1: list SRC and write the plan under OUT (see plan.py), with the copies `hygiene` names
+    removed (hygiene.py; default: exact duplicates; its hash pass runs in `workers` processes or as
+    tasks on the Dask `client`); returns (plan, listing, fs, root)."""
+    check_options(shard_size, workers, max_side, resize_short, quality)
+    hygiene = Hygiene() if hygiene is None else hygiene
     if spare is not None and not 0 <= spare <= 1:
         raise ShardsError(f"spare must be in [0, 1], got {spare}")
     so = storage_options or {}
@@ -59,30 +71,37 @@ def plan_shards(src, out, *, shard_size: int = 1024, seed: int = 0, labels: bool
     output_op(str(out), lambda: check_bucket(str(out), fs, root))
     listing = list_inputs(src, labels=labels, storage_options=so, exclude=str(out), source=source)
     options = dict(labels=labels, max_side=max_side, resize_short=resize_short, quality=quality,
-                   **listing.options)
+                   **listing.options, **hygiene.options())
+
+    def clean(plan):
+        return clean_plan(plan, hygiene, str(out), fs, root, storage_options=so, workers=workers,
+                          client=client, tmp=tmp)
     plan = make_plan(listing, str(out), fs, root, seed=seed, shard_size=shard_size, options=options,
-                     spare=spare, tmp=tmp)
+                     spare=spare, tmp=tmp, clean=clean if hygiene.active else None)
     return plan, listing, fs, root
 
 
 def make_shards(src, out, *, shard_size: int = 1024, seed: int = 0, workers: int = 1, labels: bool = True,
                 max_side: int | None = None, resize_short: int | None = None, quality: int = 90,
                 progress: bool = True, storage_options: dict | None = None,
-                source: SourceOptions | None = None, records: str = "auto") -> ShardSummary:
+                source: SourceOptions | None = None, records: str = "auto",
+                hygiene: Hygiene | None = None) -> ShardSummary:
     """Pack the images of `src` (folder, list file, tars, parquet, `datasets` folder, .beton or a URL; see
-    `SourceOptions`) into shards under `out` (folder or URL)."""
+    `SourceOptions`) into shards under `out` (folder or URL), without the copies `hygiene` names
+    (default: exact duplicates removed)."""
     t0 = time.perf_counter()
     check_options(shard_size, workers, max_side, resize_short, quality)
     plan, listing, fs, root = plan_shards(
         src, out, shard_size=shard_size, seed=seed, labels=labels, max_side=max_side,
-        resize_short=resize_short, quality=quality, storage_options=storage_options, source=source, spare=None)
+        resize_short=resize_short, quality=quality, storage_options=storage_options, source=source, spare=None,
+        hygiene=hygiene, workers=workers)
     fin = finalize(str(out), workers=workers, storage_options=storage_options, progress=progress,
                    records=records)
     output_op(str(out), lambda: fs.rm(plan_path(root), recursive=True))
     if listing.cleanup is not None:
         listing.cleanup()
     summary = ShardSummary(
-        inputs=plan.num_inputs, packed=fin.manifest["num_samples"], skipped=fin.skipped,
+        inputs=plan.num_inputs, packed=fin.manifest["num_samples"], skipped=fin.skipped, reasons=fin.reasons,
         converted=fin.manifest["converted"], num_shards=fin.num_shards, resumed_shards=fin.resumed,
         processed=fin.processed, bytes=fin.bytes, seconds=time.perf_counter() - t0,
         manifest=F.join(str(out), F.MANIFEST))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .build import make_shards, plan_shards
+from .build import by_reason, make_shards, plan_shards
+from .dedup import DEFAULT_THRESHOLD, MODES
 from .finalize import RECORDS, finalize
 from .format import ShardsError
+from .hygiene import Hygiene
 from .pack import pack, parse_range
 from .plan import load_plan
 from .sources import KINDS, SourceOptions
@@ -38,12 +40,25 @@ def _source_args(p: argparse.ArgumentParser) -> None:
                    help="parquet/datasets label column or .beton label field (default: `label` if present)")
     p.add_argument("--label-key", default=None, metavar="KEY",
                    help="webdataset: take the label from this key of each sample's .json (default: .cls)")
+    p.add_argument("--dedup", choices=MODES, default="exact",
+                   help="remove copies: exact (default: identical bytes or decoded pixels), near (also "
+                        "re-encodes, resizes, colour shifts, mirror images), none; removals are skip records")
+    p.add_argument("--near-threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS",
+                   help="near copies differ in at most BITS of 64 perceptual-hash bits "
+                        f"(default {DEFAULT_THRESHOLD}; also used by --decontaminate)")
+    p.add_argument("--decontaminate", nargs="+", default=[], metavar="EVAL",
+                   help="remove training inputs that are exact or near copies of these evaluation sets "
+                        "(any make_shards source, a shard set included)")
 
 
 def _records_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", choices=RECORDS, default="auto",
                    help="shard records in manifest.json (inline) or in a sidecar read lazily (sidecar); "
                         "auto: inline up to 1024 shards")
+
+
+def _dask_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--dask", default=None, metavar="ADDRESS", help=text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,14 +85,16 @@ def phase_parser(phase: str) -> argparse.ArgumentParser:
                             "inputs (default 0.0625; make it larger than the share of unusable inputs)")
         p.add_argument("--tmp", default=None, metavar="DIR",
                        help="local folder for the sort's spilled runs (kept for a re-run until the plan is done)")
+        p.add_argument("--workers", type=int, default=1, help="hashing processes for --dedup (default 1)")
+        _dask_arg(p, "hash the inputs for --dedup/--decontaminate on a Dask scheduler (tcp://HOST:PORT) "
+                     "or a local cluster (local:N), one task per plan list")
         return p
     p.add_argument("out", help="the output folder or URL given to `make_shards plan`")
     p.add_argument("--workers", type=int, default=1, help="validating/converting processes (default 1)")
     if phase == "pack":
         p.description = "Pack shards of a plan; finished shards are verified and kept (idempotent)."
         p.add_argument("--shards", default=":", metavar="A:B", help="pack shards A..B-1 (default: all)")
-        p.add_argument("--dask", default=None, metavar="ADDRESS",
-                       help="run on a Dask scheduler (tcp://HOST:PORT) or a local cluster (local:N)")
+        _dask_arg(p, "run on a Dask scheduler (tcp://HOST:PORT) or a local cluster (local:N)")
         p.add_argument("--per-task", type=int, default=1, metavar="K", help="shards per Dask task (default 1)")
     else:
         p.description = "Check every shard of the plan, pack the unused reserve inputs, write the manifest."
@@ -91,7 +108,8 @@ def _source(args) -> SourceOptions:
 
 def _content(args) -> dict:
     return dict(shard_size=args.shard_size, seed=args.seed, labels=not args.no_labels, max_side=args.max_side,
-                resize_short=args.resize_short, quality=args.quality, source=_source(args))
+                resize_short=args.resize_short, quality=args.quality, source=_source(args),
+                hygiene=Hygiene(args.dedup, args.near_threshold, tuple(args.decontaminate)))
 
 
 def main(argv=None) -> int:
@@ -110,9 +128,11 @@ def main(argv=None) -> int:
 
 def _run_phase(phase: str, args) -> int:
     if phase == "plan":
-        plan = plan_shards(args.src, args.out, spare=args.spare, tmp=args.tmp, **_content(args))[0]
+        plan = _plan(args)
         if not args.quiet:
-            print(f"planned {plan.num_inputs} inputs: shards 0:{plan.units} to pack "
+            removed = sum((plan.removed or {}).values())
+            print(f"planned {plan.num_inputs} inputs ({removed} removed as copies{by_reason(plan.removed)}): "
+                  f"shards 0:{plan.units} to pack "
                   f"(`make_shards pack {args.out} --shards A:B`), then `make_shards finalize {args.out}`",
                   file=sys.stderr)
         return 0
@@ -121,7 +141,8 @@ def _run_phase(phase: str, args) -> int:
     if phase == "finalize":
         fin = finalize(args.out, workers=args.workers, progress=not args.quiet, records=args.records)
         if not args.quiet:
-            print(f"{fin.manifest['num_samples']} samples in {fin.num_shards} shards ({fin.skipped} skipped): "
+            print(f"{fin.manifest['num_samples']} samples in {fin.num_shards} shards ({fin.skipped} skipped"
+                  f"{by_reason(fin.reasons)}): "
                   f"{args.out}", file=sys.stderr)
         return 0
     shards = parse_range(args.shards, load_plan(args.out)[2].units)
@@ -136,6 +157,18 @@ def _run_phase(phase: str, args) -> int:
     if not args.quiet:
         print(summary.line(), file=sys.stderr)
     return 0
+
+
+def _plan(args):
+    if args.workers < 1:
+        raise ShardsError("--workers must be >= 1")
+    if not args.dask:
+        return plan_shards(args.src, args.out, spare=args.spare, tmp=args.tmp, workers=args.workers,
+                           **_content(args))[0]
+    from .cluster import dask_client
+    with dask_client(args.dask) as client:
+        return plan_shards(args.src, args.out, spare=args.spare, tmp=args.tmp, client=client,
+                           **_content(args))[0]
 
 
 def _one_command(argv) -> int:

@@ -1,5 +1,5 @@
 """Distributed `pack` on Dask (the `cluster` extra): shard ranges become tasks that run `pack` in the
-workers' processes. Dask because it is pure pip, small, starts a local process cluster in one line, and
+workers' processes; the plan's hash pass likewise runs one task per plan list file. Dask because it is pure pip, small, starts a local process cluster in one line, and
 its scheduler runs on a laptop, a SLURM allocation (dask-jobqueue) or Kubernetes alike; each task is
 `pack` itself, so the output is the same bytes as a single-process pack."""
 from __future__ import annotations
@@ -20,6 +20,12 @@ def pack_on_dask(out: str, shards: range, client, *, per_task: int = 1,
     futures = client.map(_pack_range, tasks, out=out, storage_options=storage_options, pure=False)
     done = client.gather(futures)
     return PackSummary(sum(d.packed for d in done), sum(d.resumed for d in done))
+
+
+def hash_on_dask(names: list[str], out: str, client, storage_options: dict | None = None) -> None:
+    """The plan's hash pass (hygiene.py) as Dask tasks, one per plan list file."""
+    from .hashing import hash_file
+    client.gather(client.map(hash_file, names, out=out, storage_options=storage_options, pure=False))
 
 
 def dask_client(address: str):

@@ -21,14 +21,15 @@ EMPTY, NOT_IMAGE, UNSUPPORTED, TRUNCATED, CORRUPT, BOMB, READ_ERROR = (
 
 
 class Skip(Exception):
-    """The input cannot be packed; `reason` is one of the skip reasons, `detail` says why."""
+    """The input cannot be packed; `reason` is one of the skip reasons, `detail` says why, `match` names
+    the input or eval image a removed copy matches (duplicate removal, dedup.py)."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, match: str | None = None):
         super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.match = reason, detail, match
 
     def __reduce__(self):
-        return Skip, (self.reason, self.detail)
+        return Skip, (self.reason, self.detail, self.match)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ class Finalized:
     manifest: dict  # without the v2 records and skipped list
     num_shards: int
     skipped: int
+    reasons: dict  # skipped inputs per reason
     bytes: int
     resumed: int  # reserve shards found finished
     processed: int  # reserve inputs validated by this call
@@ -96,6 +98,7 @@ def _write_manifest(out, fs, root, plan: Plan, num_shards: int, tail_skips: list
     inline = records == "inline" or (records == "auto" and num_shards <= INLINE_MAX)
     shards, skipped, body = [], [], bytearray()
     packed = converted = size = nskipped = 0
+    reasons: Counter = Counter()
     skip_path = F.join(root, SKIPPED_FILE)
     skip_sha = hashlib.sha256()
     opened = nullcontext() if inline else output_op(out, lambda: fs.open(skip_path + ".tmp", "wb"))
@@ -112,6 +115,7 @@ def _write_manifest(out, fs, root, plan: Plan, num_shards: int, tail_skips: list
             rec = side["shard"]
             packed, converted, size = packed + rec["count"], converted + side["converted"], size + rec["bytes"]
             nskipped += len(side["skipped"])
+            reasons.update(s["reason"] for s in side["skipped"])
             skips(side["skipped"])
             if inline:
                 shards.append(rec)
@@ -119,6 +123,7 @@ def _write_manifest(out, fs, root, plan: Plan, num_shards: int, tail_skips: list
                 body += R.record_bytes(rec)
         skips(tail_skips)
     nskipped += len(tail_skips)
+    reasons.update(s["reason"] for s in tail_skips)
     if packed + nskipped != plan.num_inputs:
         raise ShardsError(f"{out}: {packed} packed + {nskipped} skipped inputs != {plan.num_inputs} planned")
     manifest = dict(
@@ -135,4 +140,5 @@ def _write_manifest(out, fs, root, plan: Plan, num_shards: int, tail_skips: list
         manifest.update(skipped=nskipped, skipped_list=dict(name=SKIPPED_FILE, sha256=skip_sha.hexdigest()),
                         records=R.describe(data))
     output_op(out, lambda: F.write_atomic(fs, F.join(root, F.MANIFEST), F.manifest_bytes(manifest)))
-    return dict(manifest=manifest, num_shards=num_shards, skipped=nskipped, bytes=size)
+    return dict(manifest=manifest, num_shards=num_shards, skipped=nskipped, reasons=dict(sorted(reasons.items())),
+                bytes=size)

@@ -49,7 +49,8 @@ class Packer:
                 if self.bar is not None:
                     self.bar.update(1)
                 if isinstance(result, Skip):
-                    skips.append(dict(input=inp.name, reason=result.reason, detail=result.detail))
+                    skip = dict(input=inp.name, reason=result.reason, detail=result.detail)
+                    skips.append(skip if result.match is None else dict(skip, match=result.match))
                     continue
                 raw_size, prep, extra = result
                 if writer is None:

@@ -19,6 +19,7 @@ the sort: (RUN + FAN_IN·BATCH) inputs, independent of N.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -60,6 +61,7 @@ class Plan:
     source: dict  # url, kind
     label_names: list | None
     spare: int | None  # reserve inputs per unit (None: no units)
+    removed: dict | None = None  # inputs removed as copies, per reason (hygiene.py)
 
     @property
     def reserve(self) -> int:
@@ -77,14 +79,15 @@ def sort_key(name: str, key: bytes, position: int) -> bytes:
 
 class ExternalSort:
     """Sort (key, item) pairs (unique keys) in bounded memory: runs of `run` pairs are sorted and pickled
-    to `folder` in batches, then merged `fan_in` at a time with heapq.
+    to `folder` in batches of `batch`, then merged `fan_in` at a time with heapq (fan_in x batch pairs
+    in memory).
 
     Resumable: each run is recorded in `folder/runs.json` with the sha256 of the `line`s added with its
     pairs, and kept until the folder is removed. A sort started again in the same folder reuses each
     recorded run whose lines match and makes the first one that differs, and those after it, again."""
 
-    def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None):
-        self.folder, self.run, self.fan_in = folder, run or RUN, fan_in or FAN_IN
+    def __init__(self, folder: str, run: int | None = None, fan_in: int | None = None, batch: int | None = None):
+        self.folder, self.run, self.fan_in, self.batch = folder, run or RUN, fan_in or FAN_IN, batch or BATCH
         self.buf: list = []
         self.digest = hashlib.sha256()
         self.runs: list[str] = []  # this sort's runs, in listing order
@@ -123,7 +126,7 @@ class ExternalSort:
         point("create", path)
         with open(path, "wb") as f:
             it = iter(pairs)
-            while batch := list(itertools.islice(it, BATCH)):
+            while batch := list(itertools.islice(it, self.batch)):
                 pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
@@ -155,8 +158,9 @@ class ExternalSort:
 
 
 def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, options: dict,
-              spare: float | None, tmp: str | None = None) -> Plan:
-    """Write the plan of `listing` under OUT (or reuse a finished one of the same fingerprint)."""
+              spare: float | None, tmp: str | None = None, clean=None) -> Plan:
+    """Write the plan of `listing` under OUT (or reuse a finished one of the same fingerprint).
+    `clean(plan)`: run on the written lists before `plan.json`, returns the removal counts."""
     header = dict(version=F.FORMAT_VERSION, seed=seed, shard_size=shard_size, options=options,
                   spare=spare)
     digest = hashlib.sha256(F.json_bytes(header))
@@ -181,6 +185,8 @@ def make_plan(listing, out: str, fs, root: str, *, seed: int, shard_size: int, o
                     label_names, r)
         coded = (Input(i.name, i.locator, listing.labels.code(i.label)) for i in ext)
         _write_lists(fs, plan_path(root), coded, plan)
+        if clean is not None:
+            plan = dataclasses.replace(plan, removed=clean(plan))
         F.write_atomic(fs, F.join(plan_path(root), PLAN_FILE), json.dumps(plan.__dict__, indent=1).encode())
     shutil.rmtree(folder, ignore_errors=True)
     return plan
