@@ -76,6 +76,7 @@ def plan_shards(src, out, *, shard_size: int = 1024, seed: int = 0, labels: bool
     def clean(plan):
         return clean_plan(plan, hygiene, str(out), fs, root, storage_options=so, workers=workers,
                           client=client, tmp=tmp)
+
     plan = make_plan(listing, str(out), fs, root, seed=seed, shard_size=shard_size, options=options,
                      spare=spare, tmp=tmp, clean=clean if hygiene.active else None)
     return plan, listing, fs, root
