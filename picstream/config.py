@@ -51,8 +51,10 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # resnet18_quarter: ResNet-18 at 1/4 width with a 3x3 stride-2 stem, for 32 px (picstream.narrow_resnet)
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet18_quarter"] = "resnet50"
     cifar_stem: bool = False
+    head: Literal["mlp", "linear"] = "mlp"   # 2-layer MLP (the paper's) or one linear layer (Table 1)
     head_hidden: int = 2048
     feature_dim: int = 128
     # BatchNorm (the paper's: per GPU, statistics of each rank's block of the batch) or GroupNorm(32)
@@ -328,6 +330,9 @@ def validate(config: Config) -> None:
         value = getattr(config.augment, f.name)
         if f.name.endswith("_p") and not 0 <= value <= 1:
             raise ConfigError(f"config key 'augment.{f.name}' must be in [0, 1], got {value}")
+    if config.model.arch == "resnet18_quarter" and (config.model.norm == "group" or config.model.cifar_stem):
+        raise ConfigError("model.arch 'resnet18_quarter' has its own 32 px stem and 16-channel stages: "
+                          "it takes neither model.cifar_stem=true nor model.norm=group")
     if config.schedule.stride > config.schedule.window:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
