@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..shards import ShardSet
@@ -26,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=Path, help="instead of --cifar10: pre-training shard manifest")
     p.add_argument("--bank", type=Path, help="with --train: labeled k-NN bank manifest")
     p.add_argument("--val", type=Path, help="with --train: labeled k-NN test manifest")
+    p.add_argument("--variants", help="comma-separated variant names to train, in this order (default: all "
+                                      "of the grid); the page shows every finished run")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="runs and shards (default "
                                                                              "runs/reproduce)")
     p.add_argument("--page", type=Path, help="default docs/results.md (docs/results-<scale>.md for other "
@@ -61,6 +65,17 @@ def _collect(grid, scale, out: Path, batch: int, num_instances: int):
     return results, curves
 
 
+def _chosen(grid, names: str | None):
+    """The grid's variants named in ``names`` (comma-separated, in that order), or all of them."""
+    if names is None:
+        return grid.variants
+    by_name = {v.name: v for v in grid.variants}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise ValueError(f"{grid.name} has no variant {unknown[0]!r}; it has: {', '.join(by_name)}")
+    return [by_name[n] for n in names.split(",")]
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     scale = SCALES[args.scale]
@@ -72,11 +87,12 @@ def main(argv=None) -> int:
         grids = build_grids(scale)
         chosen = GRID_NAMES if args.grid == "all" else (args.grid,)
         base = dict(o.split("=", 1) for o in scale.base)
+        runs = [(grids[name], variant, seed) for name in chosen for variant in _chosen(grids[name], args.variants)
+                for seed in seeds]
         random_init = random_init_knn(scale, data, args.out)
-        for name in chosen:
-            for variant in grids[name].variants:
-                for seed in seeds:
-                    run_variant(grids[name], variant, seed, scale, data, args.out, num_instances, print)
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
+            for _ in pool.map(lambda r: run_variant(*r, scale, data, args.out, num_instances, print), runs):
+                pass
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +103,9 @@ def main(argv=None) -> int:
     shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
     found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
     not_run = [n for n in GRID_NAMES if grids[n] not in shown]
-    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run)
+    peer_dir = args.out / scale.name / "peers"
+    peers = [json.loads(p.read_text()) for p in sorted(peer_dir.glob("*-s*.json"))]
+    pic = sorted((json.loads(p.read_text()) for p in peer_dir.glob("pic-s*/result.json")), key=lambda r: r["seed"])
+    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run, peers, pic)
     print(f"reproduce: wrote {page}")
     return 0
