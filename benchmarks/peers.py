@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     if args.train:
         splits = DataSplits(args.train, args.bank or args.train, args.val or args.train)
     else:
-        splits = prepare_cifar10(args.cifar10, args.out / "data", scale)
+        splits = prepare_cifar10(args.cifar10, args.out / "data", SCALES[args.scale] if args.quick else scale)
     methods = ["simclr"] if args.quick else args.methods.split(",")
     epochs = 0.5 if args.quick else scale.epochs
     pic_grid = Grid("peers", "PIC beside its peers", "", (Variant("pic", (f"optim.epochs={epochs:g}",)),), ())

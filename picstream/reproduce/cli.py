@@ -29,6 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=Path, help="with --train: labeled k-NN test manifest")
     p.add_argument("--variants", help="comma-separated variant names to train, in this order (default: all "
                                       "of the grid); the page shows every finished run")
+    p.add_argument("--report-only", action="store_true", help="train nothing: write the page from the finished runs")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="runs and shards (default "
                                                                              "runs/reproduce)")
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
         runs = [(grids[name], variant, seed) for name in chosen for variant in _chosen(grids[name], args.variants)
                 for seed in seeds]
         random_init = random_init_knn(scale, data, args.out)
+        if args.report_only:
+            runs = []
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
             for _ in pool.map(lambda r: run_variant(*r, scale, data, args.out, num_instances, print), runs):
                 pass

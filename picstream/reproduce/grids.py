@@ -70,6 +70,21 @@ SCALES = {
               "classifier.recent_k=400", "classifier.chunk_rows=128", "schedule.window=512",
               "schedule.stride=64", "train.log_every=10", "train.checkpoint_every=250"),
         epochs=20, short_epochs=5, recent_k=(100, 200, 400), window=(512, 64), small_crop=16, threads=1),
+    "cpu-small": Scale(
+        name="cpu-small",
+        description=("the previous cpu scale (benchmarks/distributed.py --learning uses it): CIFAR-10 subset: 250 training images (25 per class) pre-trained, k-NN with a "
+                     "3000-image bank (300 per class) on 1000 test images; ResNet-18 with the ImageNet "
+                     "stem at 32 px (the CIFAR stem is ~10x slower on CPU), batch 125, lr 0.24, "
+                     "K = 128 < N, W = 128, S = 32; 100 epochs = 100 visits of every instance (the learning "
+                     "test's budget; table4's short budget is 25)"),
+        per_class=(25, 300, 100),
+        base=("model.arch=resnet18", "model.cifar_stem=false", "model.head_hidden=512",
+              "data.image_size=32", "data.workers=0", "augment.blur_p=0", "optim.batch_size=125",
+              "optim.base_lr=0.24", "optim.base_batch_size=125", "optim.warmup_epochs=1",
+              "classifier.recent_k=128", "classifier.chunk_rows=32", "schedule.window=128",
+              "schedule.stride=32", "train.log_every=4", "train.checkpoint_every=20"),
+        epochs=100, short_epochs=25, recent_k=(125, 192), window=(128, 32), small_crop=16),
+
     "gpu": Scale(
         name="gpu",
         description=("all of CIFAR-10: 50000 training images pre-trained and used as the k-NN bank, "
