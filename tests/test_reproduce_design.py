@@ -1,4 +1,7 @@
 """The CPU reproduction scale's design: its backbone, the missed steps it promises, the stated test."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +67,28 @@ def test_welch_and_bootstrap_on_known_samples():
     # se = sqrt(2/3); t(0.975, 4) + t(0.8, 4) = 2.776 + 0.941
     assert c.detectable == pytest.approx((2.776 + 0.941) * (2 / 3) ** 0.5, rel=1e-3)
     assert compare([40.0, 35.0, 38.0], [38.0, 36.0, 37.0]).p > 0.5
+
+
+def test_a_run_is_reused_only_with_the_same_settings_data_and_seed(tmp_path):
+    from picstream.reproduce.runner import _same_run
+
+    scale = SCALES["cpu"]
+    run = tmp_path / "cpu" / "table1" / "cosine-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  train: data/cpu-pretrain/manifest.json\n")
+    (run / "result.json").write_text(json.dumps({"settings": {"optim": {"epochs": 20}}, "top1": 35.0,
+                                                 "config": str(run / "config.yaml")}))
+    same = _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 0, Path("data/cpu-pretrain/manifest.json"))
+    assert same["top1"] == 35.0 and same["same_as"] == str(run)
+    assert _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 0, Path("data/cpu-pretrain-100pc/manifest.json")) is None
+    assert _same_run(tmp_path, scale, {"optim": {"epochs": 5}}, 0, Path("data/cpu-pretrain/manifest.json")) is None
+    assert _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 1, Path("data/cpu-pretrain/manifest.json")) is None
+
+
+def test_scaling_grid_keeps_k_and_epochs_and_multiplies_n():
+    from picstream.reproduce.grids import build_grids
+
+    grid = build_grids(SCALES["cpu"])["scaling"]
+    assert [v.per_class for v in grid.variants] == [100, 400, 1600]
+    assert len({v.overrides for v in grid.variants}) == 1 and "K = 400" in grid.title
+    assert build_grids(SCALES["gpu"])["scaling"].variants == ()

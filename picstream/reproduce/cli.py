@@ -55,14 +55,23 @@ def _data(args, scale) -> DataSplits:
     return prepare_cifar10(args.cifar10, args.out / "data", scale)
 
 
+def _variant_data(args, scale, data: DataSplits, variant) -> tuple[DataSplits, int]:
+    """The splits a variant trains on (its own pre-training subset in the N grid) and their size."""
+    if variant.per_class is not None:
+        if args.train:
+            raise ValueError("the scaling grid takes CIFAR-10 subsets: give --cifar10, not --train")
+        data = prepare_cifar10(args.cifar10, args.out / "data", scale, variant.per_class)
+    return data, len(ShardSet.open(str(data.pretrain)))
+
+
 def _collect(grid, scale, out: Path, batch: int, num_instances: int):
     """Every finished run of ``grid`` under ``out`` (any seed): results and curves per variant."""
     results, curves = {}, {}
     for v in grid.variants:
         found = sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*/result.json"))
-        runs = sorted((json.loads(p.read_text()) for p in found), key=lambda r: r["seed"])
-        results[v.name] = runs
-        curves[v.name] = [read_curves(p.parent, batch, num_instances) for p in found]
+        pairs = sorted(((json.loads(p.read_text()), p.parent) for p in found), key=lambda rp: rp[0]["seed"])
+        results[v.name] = [r for r, _ in pairs]
+        curves[v.name] = [read_curves(d, batch, r.get("instances", num_instances)) for r, d in pairs]
     return results, curves
 
 
@@ -84,17 +93,18 @@ def main(argv=None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
         data = _data(args, scale)
-        num_instances = len(ShardSet.open(str(data.pretrain)))
         grids = build_grids(scale)
         chosen = GRID_NAMES if args.grid == "all" else (args.grid,)
         base = dict(o.split("=", 1) for o in scale.base)
         runs = [(grids[name], variant, seed) for name in chosen for variant in _chosen(grids[name], args.variants)
                 for seed in seeds]
+        splits = {v.name: _variant_data(args, scale, data, v) for _, v, _ in runs}
+        num_instances = len(ShardSet.open(str(data.pretrain)))
         random_init = random_init_knn(scale, data, args.out)
         if args.report_only:
             runs = []
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
-            for _ in pool.map(lambda r: run_variant(*r, scale, data, args.out, num_instances, print), runs):
+            for _ in pool.map(lambda r: run_variant(*r[:3], scale, *splits[r[1].name], args.out, print), runs):
                 pass
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ class Scale:
     small_crop: int                          # multicrop's small view side
     knn_points: int = 6                      # k-NN monitor evaluations per run
     threads: int | None = None               # OMP_NUM_THREADS of each run (None: torch's default)
+    scaling: tuple[int, ...] = ()            # the N grid's pre-training images per class (() = no N grid)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Variant:
     name: str
     overrides: tuple[str, ...]
     paper: str = ""          # the paper's number for the matching setting ("" when none)
+    per_class: int | None = None   # pre-training images per class when not the scale's (the N grid)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ SCALES = {
               "optim.base_batch_size=100", "optim.warmup_epochs=1", "schedule.scheduler=epoch",
               "classifier.recent_k=400", "classifier.chunk_rows=128", "schedule.window=512",
               "schedule.stride=64", "train.log_every=10", "train.checkpoint_every=250"),
-        epochs=20, short_epochs=5, recent_k=(100, 200, 400), window=(512, 64), small_crop=16, threads=1),
+        epochs=20, short_epochs=5, recent_k=(100, 200, 400), window=(512, 64), small_crop=16, threads=1,
+        scaling=(100, 400, 1600)),
     "cpu-small": Scale(
         name="cpu-small",
         description=("the previous cpu scale (benchmarks/distributed.py --learning uses it): CIFAR-10 subset: 250 training images (25 per class) pre-trained, k-NN with a "
@@ -110,7 +113,7 @@ SCALES = {
         epochs=1, short_epochs=0.5, recent_k=(32, 48), window=(64, 16), small_crop=16, knn_points=2, threads=1),
 }
 
-GRID_NAMES = ("table1", "table2", "table4", "multicrop")
+GRID_NAMES = ("table1", "table2", "table4", "multicrop", "scaling")
 
 
 def missed_steps(num_instances: int, batch: int, k: int) -> float:
@@ -159,8 +162,25 @@ def _table2(scale: Scale, epochs: str) -> Grid:
                 tuple(variants), tuple(claims), notes)
 
 
+def _scaling(scale: Scale, epochs: str) -> Grid:
+    """Accuracy vs N at the scale's K: N x1, x4, x16, the same epochs (= steps per instance)."""
+    base = dict(o.split("=", 1) for o in scale.base)
+    batch, k = int(base["optim.batch_size"]), int(base["classifier.recent_k"])
+    variants = tuple(Variant(f"N={10 * pc}", (epochs,), per_class=pc) for pc in scale.scaling)
+    claims, notes = (), ()
+    if variants:
+        claims = (Claim(variants[-1].name, variants[0].name, "more instances help at a fixed K: K need not grow "
+                                                             "with N"),)
+        notes = ("Missed steps per evicted row at K = " + f"{k}: " + "; ".join(
+            f"N = {10 * pc}: {missed_steps(10 * pc, batch, k):.1f}" for pc in scale.scaling) + ".",)
+    return Grid("scaling", f"Accuracy vs N at a fixed K = {k}",
+                "the streaming claim: K need not grow with N (paper: K = 65536 matches the full softmax at N = "
+                "1.28M, and ImageNet-11K trains with the same K); ours: the same k-NN bank and test split for "
+                "every N" if variants else "not defined at this scale", variants, claims, notes)
+
+
 def build_grids(scale: Scale) -> dict[str, Grid]:
-    """The four grids at ``scale`` (budgets, K and W/S from the scale)."""
+    """The five grids at ``scale`` (budgets, K and W/S from the scale)."""
     epochs = f"optim.epochs={scale.epochs:g}"
     w, s = scale.window
     table4 = []
@@ -199,4 +219,5 @@ def build_grids(scale: Scale) -> dict[str, Grid]:
                                                   f"data.multi_crop=[[{small},3,0.08,0.14]]",
                                                   "classifier.multi_crop_rows=main"), "68.6")),
                           (Claim("multi-crop", "one view", "multi-crop adds +1.3"),)),
+        "scaling": _scaling(scale, epochs),
     }

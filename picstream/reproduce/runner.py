@@ -60,19 +60,24 @@ def _cifar10_root(source: Path, work: Path) -> Path:
     return root
 
 
-def prepare_cifar10(source: Path, work: Path, scale: Scale) -> DataSplits:
-    """Shards of the scale's CIFAR-10 splits under ``work`` (made once, reused afterwards)."""
+def prepare_cifar10(source: Path, work: Path, scale: Scale, pretrain_per_class: int | None = None) -> DataSplits:
+    """Shards of the scale's CIFAR-10 splits under ``work`` (made once, reused afterwards);
+    ``pretrain_per_class`` replaces the scale's pre-training subset (the bank and test stay)."""
     root = _cifar10_root(source, work)
     pretrain_n, bank_n, test_n = scale.per_class or (None, None, None)
+    tag = ""
+    if pretrain_per_class is not None and pretrain_per_class != pretrain_n:
+        pretrain_n, tag = pretrain_per_class, f"-{pretrain_per_class}pc"
     manifests = {}
     for name, split, per_class in (("pretrain", "train", pretrain_n), ("bank", "train", bank_n),
                                    ("test", "test", test_n)):
-        out = work / f"{scale.name}-{name}"
+        stem = f"{scale.name}-{name}{tag if name == 'pretrain' else ''}"
+        out = work / stem
         if name == "bank" and per_class == pretrain_n:   # the same images: one shard set
             manifests[name] = manifests["pretrain"]
             continue
         if not (out / "manifest.json").exists():
-            images = class_subset(root / split, work / f"{scale.name}-{name}-images", per_class)
+            images = class_subset(root / split, work / f"{stem}-images", per_class)
             make_shards(str(images), str(out), shard_size=1024, seed=0, progress=False)
         manifests[name] = out / "manifest.json"
     return DataSplits(**manifests)
@@ -99,11 +104,13 @@ def _settings(scale: Scale, variant: Variant) -> dict:
     return {key: value for key, value in config.items() if key not in ("run", "monitor")}
 
 
-def _same_run(out: Path, scale: Scale, settings: dict, seed: int) -> dict | None:
-    """A finished run of another grid with the same settings and seed (reused, not trained again)."""
+def _same_run(out: Path, scale: Scale, settings: dict, seed: int, pretrain: Path) -> dict | None:
+    """A finished run of another grid with the same settings, data and seed (reused, not trained again)."""
     for path in sorted(out.glob(f"{scale.name}/*/*-s{seed}/result.json")):
         result = json.loads(path.read_text())
-        if result.get("settings") == settings and "same_as" not in result:
+        if result.get("settings") != settings or "same_as" in result:
+            continue
+        if yaml.safe_load(Path(result["config"]).read_text())["data"]["train"] == str(pretrain):
             return {**result, "same_as": str(path.parent)}
     return None
 
@@ -123,7 +130,7 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
         return json.loads(result_path.read_text())
     overrides = dict(o.split("=", 1) for o in scale.base + variant.overrides)
     settings = _settings(scale, variant)
-    same = _same_run(out, scale, settings, seed)
+    same = _same_run(out, scale, settings, seed, data.pretrain)
     if same is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         same.update(grid=grid.name, variant=variant.name, overrides=list(variant.overrides))
@@ -145,6 +152,7 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
     knn = _knn(["--checkpoint", str(last)], data, run_dir / "knn.json", scale)
     result = {"grid": grid.name, "variant": variant.name, "seed": seed, "top1": knn["top1"],
               "top5": knn["top5"], "wall_s": time.perf_counter() - started, "train_cpu_s": cpu_s,
+              "instances": num_instances,
               "overrides": list(variant.overrides), "config": str(run_dir / "config.yaml"),
               "settings": settings}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
