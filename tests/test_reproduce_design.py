@@ -92,3 +92,21 @@ def test_scaling_grid_keeps_k_and_epochs_and_multiplies_n():
     assert [v.per_class for v in grid.variants] == [100, 400, 1600]
     assert len({v.overrides for v in grid.variants}) == 1 and "K = 400" in grid.title
     assert build_grids(SCALES["gpu"])["scaling"].variants == ()
+
+
+def test_interim_claims_use_the_last_monitor_epoch_every_run_reached():
+    from picstream.reproduce.grids import build_grids
+    from picstream.reproduce.report import _interim
+
+    def curve(*tops):
+        return [(3.3 * (i + 1), t) for i, t in enumerate(tops)]
+
+    grid = build_grids(SCALES["cpu"])["table2"]
+    progress = {"K=100 exact": [{"seed": s, "knn": curve(20, 24 + s, 30)} for s in range(3)],
+                "K=100 none": [{"seed": s, "knn": curve(19, 20 + s * 0.5)} for s in range(3)]}
+    lines = _interim(grid, {}, progress)
+    assert lines[0].startswith("Still training: K=100 exact s0 (epoch 9.9)")
+    (claim,) = [line for line in lines if line.startswith("- ")]
+    assert claim.startswith("- at epoch 6.6: K=100 exact > K=100 none: 24.0, 25.0, 26.0 vs 20.0, 20.5, 21.0: "
+                            "**reproduced**")
+    assert _interim(grid, {}, {}) == []

@@ -75,6 +75,17 @@ def _collect(grid, scale, out: Path, batch: int, num_instances: int):
     return results, curves
 
 
+def _in_progress(grid, scale, out: Path, batch: int, num_instances: int) -> dict[str, list[dict]]:
+    """Runs of ``grid`` still training (no ``result.json``): seed and k-NN monitor curve per variant."""
+    progress = {}
+    for v in grid.variants:
+        dirs = [d for d in sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*"))
+                if (d / "metrics.jsonl").exists() and not (d / "result.json").exists()]
+        progress[v.name] = [{"seed": int(d.name.rsplit("-s", 1)[1]), **read_curves(d, batch, num_instances)}
+                            for d in dirs]
+    return progress
+
+
 def _chosen(grid, names: str | None):
     """The grid's variants named in ``names`` (comma-separated, in that order), or all of them."""
     if names is None:
@@ -113,12 +124,13 @@ def main(argv=None) -> int:
     results, curves = {}, {}
     for name in GRID_NAMES:
         results[name], curves[name] = _collect(grids[name], scale, args.out, batch, num_instances)
-    shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
+    progress = {name: _in_progress(grids[name], scale, args.out, batch, num_instances) for name in GRID_NAMES}
+    shown = [grids[n] for n in GRID_NAMES if any(results[n].values()) or any(progress[n].values())]
     found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
     not_run = [n for n in GRID_NAMES if grids[n] not in shown]
     peer_dir = args.out / scale.name / "peers"
     peers = [json.loads(p.read_text()) for p in sorted(peer_dir.glob("*-s*.json"))]
     pic = sorted((json.loads(p.read_text()) for p in peer_dir.glob("pic-s*/result.json")), key=lambda r: r["seed"])
-    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run, peers, pic)
+    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run, peers, pic, progress)
     print(f"reproduce: wrote {page}")
     return 0

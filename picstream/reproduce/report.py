@@ -100,8 +100,33 @@ def _command(grid: str, scale: Scale, seeds: list[int]) -> str:
     return f"python tools/reproduce.py --grid {grid} --scale {scale.name} --seeds {','.join(map(str, seeds))}"
 
 
+def _interim(grid: Grid, curves: dict, progress: dict[str, list[dict]]) -> list[str]:
+    """Claims touching runs still training, tested on the k-NN monitor at the last epoch every run of
+    both sides reached (labelled interim: not the final numbers)."""
+    running = [f"{name} s{p['seed']} (epoch {p['knn'][-1][0]:.1f})" if p["knn"] else f"{name} s{p['seed']}"
+               for name, runs in progress.items() for p in runs]
+    if not running:
+        return []
+    lines = [f"Still training: {', '.join(running)}. Interim, from the k-NN monitor (same protocol, before the "
+             "last step; not the final numbers):"]
+    for claim in grid.claims:
+        sides = [[c["knn"] for c in curves.get(n, [])] + [p["knn"] for p in progress.get(n, [])]
+                 for n in (claim.better, claim.worse)]
+        if not progress.get(claim.better) and not progress.get(claim.worse):
+            continue
+        if not all(sides) or not all(s for side in sides for s in side):
+            continue
+        epoch = min(s[-1][0] for side in sides for s in side)
+        tops = [[max((e, t) for e, t in s if e <= epoch)[1] for s in side] for side in sides]
+        relation = "=" if claim.same else ">"
+        lines.append(f"- at epoch {epoch:.1f}: {claim.better} {relation} {claim.worse}: "
+                     f"{', '.join(f'{t:.1f}' for t in tops[0])} vs {', '.join(f'{t:.1f}' for t in tops[1])}: "
+                     f"{verdict(claim, *tops)}.")
+    return lines + [""]
+
+
 def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curves: dict, folder: Path,
-                  rel: str, floor: float | None) -> list[str]:
+                  rel: str, floor: float | None, progress: dict[str, list[dict]]) -> list[str]:
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
     lines = [f"## {grid.title}", "", grid.paper_note + ".", "", *(f"{n}\n" for n in grid.notes),
              f"`{_command(grid.name, scale, seeds)}`", "",
@@ -129,9 +154,12 @@ def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curv
     for claim in grid.claims:
         tops = [[r["top1"] for r in results.get(name, [])] for name in (claim.better, claim.worse)]
         relation = "=" if claim.same else ">"
-        lines.append(f"- {claim.better} {relation} {claim.worse} ({claim.paper}): {verdict(claim, *tops)}.")
+        training = not all(tops) and any(progress.get(n) for n in (claim.better, claim.worse))
+        lines.append(f"- {claim.better} {relation} {claim.worse} ({claim.paper}): "
+                     f"{'still training (interim below)' if training else verdict(claim, *tops)}.")
+    lines += ["", *_interim(grid, curves, progress)]
     count = sum(len(r) for r in results.values())
-    lines += ["", f"Wall time: {wall / 60:.1f} min for the {sum(len([r for r in rs if 'same_as' not in r]) for rs in results.values())} "
+    lines += [f"Wall time: {wall / 60:.1f} min for the {sum(len([r for r in rs if 'same_as' not in r]) for rs in results.values())} "
                   f"runs trained for this grid of {count} (training + final k-NN).", ""]
     if count:
         lines += [f"![{png}]({rel}/{png})" for png in _plots(grid, results, curves, folder, floor)] + [""]
@@ -210,10 +238,11 @@ NOT_RUN_HERE = (
 
 def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curves: dict,
                random_init: dict | None, seeds: list[int], not_run: list[str] = (),
-               peers: list[dict] = (), pic: list[dict] = ()) -> None:
+               peers: list[dict] = (), pic: list[dict] = (), progress: dict | None = None) -> None:
     """``page`` and its plots in ``<page stem>/`` beside it. ``results[grid][variant]`` = result
     dicts (one per seed); ``curves[grid][variant]`` = each seed's ``read_curves``; ``peers`` =
-    `benchmarks/peers.py` results beside ``pic``, PIC's base runs."""
+    `benchmarks/peers.py` results beside ``pic``, PIC's base runs; ``progress[grid][variant]`` = runs
+    still training (seed and monitor curves)."""
     folder = page.parent / page.stem
     folder.mkdir(parents=True, exist_ok=True)
     planned = sorted(set(seeds) | set(range(MIN_SEEDS)))   # the commands name at least the seeds a verdict needs
@@ -248,6 +277,7 @@ def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curve
     lines.append("")
     for grid in grids:
         lines += _grid_section(grid, scale, results.get(grid.name, {}), curves.get(grid.name, {}), folder,
-                               folder.name, random_init["top1"] if random_init else None)
+                               folder.name, random_init["top1"] if random_init else None,
+                               (progress or {}).get(grid.name, {}))
     lines += _peers_section(list(peers), list(pic))
     page.write_text("\n".join(lines))
