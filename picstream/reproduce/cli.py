@@ -114,8 +114,12 @@ def main(argv=None) -> int:
         random_init = random_init_knn(scale, data, args.out)
         if args.report_only:
             runs = []
+        def train(grid, variant, seed):
+            data_of, size = splits[variant.name]
+            return run_variant(grid, variant, seed, scale, data_of, args.out, size, print)
+
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
-            for _ in pool.map(lambda r: run_variant(*r[:3], scale, *splits[r[1].name], args.out, print), runs):
+            for _ in pool.map(lambda run: train(*run), runs):
                 pass
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
