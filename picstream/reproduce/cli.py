@@ -71,7 +71,8 @@ def _collect(grid, scale, out: Path, batch: int, num_instances: int):
         found = sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*/result.json"))
         pairs = sorted(((json.loads(p.read_text()), p.parent) for p in found), key=lambda rp: rp[0]["seed"])
         results[v.name] = [r for r, _ in pairs]
-        curves[v.name] = [read_curves(d, batch, r.get("instances", num_instances)) for r, d in pairs]
+        curves[v.name] = [read_curves(Path(r.get("same_as", d)), batch, r.get("instances", num_instances))
+                          for r, d in pairs]   # a reused run's curves are in the run it reuses
     return results, curves
 
 
