@@ -7,8 +7,8 @@ sharded softmax), backward (DDP gradient all-reduce and the feature-gradient red
 the updates. The collectives of one step are then timed alone with the same sizes. Reported per
 rank: classifier device memory and bytes sent through collectives per step.
 
-``--learning`` instead pre-trains the CIFAR-10 subset of the learning test (the `cpu` scale of
-`tools/reproduce.py`: 250 images × 100 epochs, batch 126, BatchNorm per process) with 1 and 2 processes
+``--learning`` instead pre-trains the CIFAR-10 subset of the learning test (the `cpu-small` scale
+of `tools/reproduce.py`: 250 images × 100 epochs, batch 126, BatchNorm per process) with 1 and 2 processes
 and compares their k-NN top-1 (~10 min on 2 cores).
 
 Usage: python benchmarks/multi_process.py [--quick] [--learning [--data DIR_OR_ARCHIVE]]
@@ -121,7 +121,7 @@ def learning(args) -> None:
     from picstream.reproduce.grids import SCALES
     from picstream.reproduce.runner import base_config, prepare_cifar10
 
-    scale = SCALES["cpu"]
+    scale = SCALES["cpu-small"]
     work = Path(tempfile.mkdtemp(prefix="picstream-dist-learning-"))
     data = prepare_cifar10(args.data, work, scale)
     top1 = {}

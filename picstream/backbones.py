@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from . import narrow_resnet
 from .config import ConfigError, ModelConfig
 
 TIMM_PREFIX = "timm/"
@@ -92,7 +93,9 @@ def check_backbone(config: ModelConfig, input_sizes: list[int]) -> None:
             raise ConfigError("config key 'model.cifar_stem' applies to torchvision ResNets; a timm model "
                               "takes its stem from model.arch_kwargs")
     else:
-        if arch not in torchvision_archs():
+        if arch in narrow_resnet.ARCHS:
+            pass  # picstream's own (its refusals: config.validate)
+        elif arch not in torchvision_archs():
             raise ConfigError(f"config key 'model.arch': {arch!r} is not a torchvision ResNet, ResNeXt, "
                               "Wide ResNet or RegNet; use timm/<name> for any timm model (ViTs, ConvNeXts, ...)")
         if not arch.startswith(RESNET_FAMILIES) and (config.cifar_stem or config.norm == "group"):

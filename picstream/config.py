@@ -58,11 +58,13 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     # a torchvision ResNet/ResNeXt/Wide-ResNet/RegNet name, or "timm/<name>" for any timm model
-    # (created with num_classes=0: pooled features); picstream.backbones
+    # (created with num_classes=0: pooled features; picstream.backbones), or "resnet18_quarter"
+    # (ResNet-18 at 1/4 width with a 3x3 stride-2 stem, for 32 px: picstream.narrow_resnet)
     arch: str = "resnet50"
     # keyword arguments of the model's constructor, e.g. {drop_path_rate: 0.1, dynamic_img_size: true}
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     cifar_stem: bool = False
+    head: Literal["mlp", "linear"] = "mlp"   # 2-layer MLP (the paper's) or one linear layer (Table 1)
     head_hidden: int = 2048
     feature_dim: int = 128
     # BatchNorm (the paper's: per GPU, statistics of each rank's block of the batch) or GroupNorm(32)
@@ -357,6 +359,10 @@ def validate(config: Config) -> None:
     if config.model.norm == "group" and config.model.head_hidden % GROUPS:
         raise ConfigError(f"config key 'model.head_hidden' must be a multiple of {GROUPS} with "
                           f"model.norm = group (GroupNorm's {GROUPS} groups), got {config.model.head_hidden}")
+    if config.model.arch == "resnet18_quarter" and (config.model.norm == "group" or config.model.cifar_stem
+                                                    or config.model.arch_kwargs):
+        raise ConfigError("model.arch 'resnet18_quarter' has its own 32 px stem and 16-channel stages: "
+                          "it takes neither model.cifar_stem=true, model.norm=group nor model.arch_kwargs")
     if config.schedule.stride > config.schedule.window:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..shards import ShardSet
@@ -26,6 +27,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=Path, help="instead of --cifar10: pre-training shard manifest")
     p.add_argument("--bank", type=Path, help="with --train: labeled k-NN bank manifest")
     p.add_argument("--val", type=Path, help="with --train: labeled k-NN test manifest")
+    p.add_argument("--variants", help="comma-separated variant names to train, in this order (default: all "
+                                      "of the grid); the page shows every finished run")
+    p.add_argument("--report-only", action="store_true", help="train nothing: write the page from the finished runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (default 1)")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="runs and shards (default "
                                                                              "runs/reproduce)")
     p.add_argument("--page", type=Path, help="default docs/results.md (docs/results-<scale>.md for other "
@@ -50,15 +55,47 @@ def _data(args, scale) -> DataSplits:
     return prepare_cifar10(args.cifar10, args.out / "data", scale)
 
 
+def _variant_data(args, scale, data: DataSplits, variant) -> tuple[DataSplits, int]:
+    """The splits a variant trains on (its own pre-training subset in the N grid) and their size."""
+    if variant.per_class is not None:
+        if args.train:
+            raise ValueError("the scaling grid takes CIFAR-10 subsets: give --cifar10, not --train")
+        data = prepare_cifar10(args.cifar10, args.out / "data", scale, variant.per_class)
+    return data, len(ShardSet.open(str(data.pretrain)))
+
+
 def _collect(grid, scale, out: Path, batch: int, num_instances: int):
     """Every finished run of ``grid`` under ``out`` (any seed): results and curves per variant."""
     results, curves = {}, {}
     for v in grid.variants:
         found = sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*/result.json"))
-        runs = sorted((json.loads(p.read_text()) for p in found), key=lambda r: r["seed"])
-        results[v.name] = runs
-        curves[v.name] = [read_curves(p.parent, batch, num_instances) for p in found]
+        pairs = sorted(((json.loads(p.read_text()), p.parent) for p in found), key=lambda rp: rp[0]["seed"])
+        results[v.name] = [r for r, _ in pairs]
+        curves[v.name] = [read_curves(Path(r.get("same_as", d)), batch, r.get("instances", num_instances))
+                          for r, d in pairs]   # a reused run's curves are in the run it reuses
     return results, curves
+
+
+def _in_progress(grid, scale, out: Path, batch: int, num_instances: int) -> dict[str, list[dict]]:
+    """Runs of ``grid`` still training (no ``result.json``): seed and k-NN monitor curve per variant."""
+    progress = {}
+    for v in grid.variants:
+        dirs = [d for d in sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*"))
+                if (d / "metrics.jsonl").exists() and not (d / "result.json").exists()]
+        progress[v.name] = [{"seed": int(d.name.rsplit("-s", 1)[1]), **read_curves(d, batch, num_instances)}
+                            for d in dirs]
+    return progress
+
+
+def _chosen(grid, names: str | None):
+    """The grid's variants named in ``names`` (comma-separated, in that order), or all of them."""
+    if names is None:
+        return grid.variants
+    by_name = {v.name: v for v in grid.variants}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise ValueError(f"{grid.name} has no variant {unknown[0]!r}; it has: {', '.join(by_name)}")
+    return [by_name[n] for n in names.split(",")]
 
 
 def main(argv=None) -> int:
@@ -68,15 +105,23 @@ def main(argv=None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
         data = _data(args, scale)
-        num_instances = len(ShardSet.open(str(data.pretrain)))
         grids = build_grids(scale)
         chosen = GRID_NAMES if args.grid == "all" else (args.grid,)
         base = dict(o.split("=", 1) for o in scale.base)
+        runs = [(grids[name], variant, seed) for name in chosen for variant in _chosen(grids[name], args.variants)
+                for seed in seeds]
+        splits = {v.name: _variant_data(args, scale, data, v) for _, v, _ in runs}
+        num_instances = len(ShardSet.open(str(data.pretrain)))
         random_init = random_init_knn(scale, data, args.out)
-        for name in chosen:
-            for variant in grids[name].variants:
-                for seed in seeds:
-                    run_variant(grids[name], variant, seed, scale, data, args.out, num_instances, print)
+        if args.report_only:
+            runs = []
+        def train(grid, variant, seed):
+            data_of, size = splits[variant.name]
+            return run_variant(grid, variant, seed, scale, data_of, args.out, size, print)
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
+            for _ in pool.map(lambda run: train(*run), runs):
+                pass
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
@@ -84,9 +129,13 @@ def main(argv=None) -> int:
     results, curves = {}, {}
     for name in GRID_NAMES:
         results[name], curves[name] = _collect(grids[name], scale, args.out, batch, num_instances)
-    shown = [grids[n] for n in GRID_NAMES if any(results[n].values())]
+    progress = {name: _in_progress(grids[name], scale, args.out, batch, num_instances) for name in GRID_NAMES}
+    shown = [grids[n] for n in GRID_NAMES if any(results[n].values()) or any(progress[n].values())]
     found_seeds = sorted({r["seed"] for g in results.values() for runs in g.values() for r in runs})
     not_run = [n for n in GRID_NAMES if grids[n] not in shown]
-    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run)
+    peer_dir = args.out / scale.name / "peers"
+    peers = [json.loads(p.read_text()) for p in sorted(peer_dir.glob("*-s*.json"))]
+    pic = sorted((json.loads(p.read_text()) for p in peer_dir.glob("pic-s*/result.json")), key=lambda r: r["seed"])
+    write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run, peers, pic, progress)
     print(f"reproduce: wrote {page}")
     return 0

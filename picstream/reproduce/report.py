@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .grids import Grid, Scale
+from .grids import Claim, Grid, Scale
 from .runner import slug
+from .stats import ALPHA, MIN_SEEDS, compare
 
 __all__ = ["verdict", "write_page", "machine"]
 
@@ -27,20 +28,25 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def verdict(better: list[float], worse: list[float]) -> str:
-    """Plain words on one claim: clear only when every seed of one beats every seed of the other."""
+def verdict(claim: Claim, better: list[float], worse: list[float]) -> str:
+    """The claim's verdict from Welch's t at 5% (two-sided): reproduced / reversed / no effect
+    detectable at this power, with the bootstrap interval and the smallest detectable gap."""
     if not better or not worse:
         return "not run"
     gap = statistics.mean(better) - statistics.mean(worse)
-    if min(len(better), len(worse)) < 2:
-        return f"{gap:+.1f} points with one seed: no estimate of the seed noise, so no conclusion"
-    if min(better) > max(worse):
-        return (f"holds: {gap:+.1f} points, each of {len(better)} seeds above each of {len(worse)} "
-                f"(weak evidence with so few seeds)" if min(len(better), len(worse)) < 3 else
-                f"holds: {gap:+.1f} points, each of {len(better)} seeds above each of {len(worse)}")
-    if max(better) < min(worse):
-        return f"reversed at this scale: {gap:+.1f} points, every seed below"
-    return f"{gap:+.1f} points, inside the seed noise (the seeds' ranges overlap): this scale shows no difference"
+    if min(len(better), len(worse)) < MIN_SEEDS:
+        return (f"{gap:+.1f} points from {len(better)} vs {len(worse)} seeds: fewer than {MIN_SEEDS} seeds a "
+                "side, no verdict")
+    c = compare(better, worse)
+    if claim.same:
+        word = ("not reproduced: they differ" if c.p < ALPHA else
+                f"reproduced: no difference detectable (a gap of {c.detectable:.1f} would have been)")
+    elif c.p < ALPHA:
+        word = "reproduced" if c.gap > 0 else "reversed"
+    else:
+        word = f"no effect detectable at this power (smallest detectable ≈ {c.detectable:.1f} points)"
+    return (f"**{word}**: {c.gap:+.1f} points, bootstrap 95% CI [{c.ci[0]:+.1f}, {c.ci[1]:+.1f}], Welch's t "
+            f"p = {c.p:.2g}, {len(better)} vs {len(worse)} seeds")
 
 
 def _plots(grid: Grid, results: dict[str, list[dict]], curves: dict, folder: Path,
@@ -94,52 +100,164 @@ def _command(grid: str, scale: Scale, seeds: list[int]) -> str:
     return f"python tools/reproduce.py --grid {grid} --scale {scale.name} --seeds {','.join(map(str, seeds))}"
 
 
+def _interim(grid: Grid, curves: dict, progress: dict[str, list[dict]]) -> list[str]:
+    """Claims touching runs still training, tested on the k-NN monitor at the last epoch every run of
+    both sides reached (labelled interim: not the final numbers)."""
+    running = [f"{name} s{p['seed']} (epoch {p['knn'][-1][0]:.1f})" if p["knn"] else f"{name} s{p['seed']}"
+               for name, runs in progress.items() for p in runs]
+    if not running:
+        return []
+    lines = [f"Still training: {', '.join(running)}. Interim, from the k-NN monitor (same protocol, before the "
+             "last step; not the final numbers):"]
+    for claim in grid.claims:
+        sides = [[c["knn"] for c in curves.get(n, [])] + [p["knn"] for p in progress.get(n, [])]
+                 for n in (claim.better, claim.worse)]
+        if not progress.get(claim.better) and not progress.get(claim.worse):
+            continue
+        if not all(sides) or not all(s for side in sides for s in side):
+            continue
+        epoch = min(s[-1][0] for side in sides for s in side)
+        tops = [[max((e, t) for e, t in s if e <= epoch)[1] for s in side] for side in sides]
+        relation = "=" if claim.same else ">"
+        lines.append(f"- at epoch {epoch:.1f}: {claim.better} {relation} {claim.worse}: "
+                     f"{', '.join(f'{t:.1f}' for t in tops[0])} vs {', '.join(f'{t:.1f}' for t in tops[1])}: "
+                     f"{verdict(claim, *tops)}.")
+    return lines + [""]
+
+
 def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curves: dict, folder: Path,
-                  rel: str, floor: float | None) -> list[str]:
+                  rel: str, floor: float | None, progress: dict[str, list[dict]]) -> list[str]:
     seeds = sorted({r["seed"] for runs in results.values() for r in runs})
-    lines = [f"## {grid.title}", "", grid.paper_note + ".", "", f"`{_command(grid.name, scale, seeds)}`", "",
-             "| variant | overrides | k-NN top-1 per seed | mean ± std | paper (ImageNet linear) | config |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"## {grid.title}", "", grid.paper_note + ".", "", *(f"{n}\n" for n in grid.notes),
+             f"`{_command(grid.name, scale, seeds)}`", "",
+             "| variant | overrides | k-NN top-1 per seed | mean ± std | paper (ImageNet linear) | min per run | "
+             "config |", "| --- | --- | --- | --- | --- | --- | --- |"]
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     wall = 0.0
     for v in grid.variants:
         runs = results.get(v.name, [])
-        wall += sum(r["wall_s"] for r in runs)
+        trained = [r for r in runs if "same_as" not in r]
+        wall += sum(r["wall_s"] for r in trained)
         config = ""
         if runs and Path(runs[0]["config"]).exists():
             name = f"configs/{grid.name}-{slug(v.name)}.yaml"
             shutil.copyfile(runs[0]["config"], folder / name)
             config = f"[yaml]({rel}/{name})"
-        seeds = ", ".join(f"{r['top1']:.1f} (s{r['seed']})" for r in runs) or "not run"
+            if "same_as" in runs[0]:
+                config += f" (the runs of {'/'.join(Path(runs[0]['same_as']).parts[-2:-1])})"
+        seeds = _per_seed(runs)
+        minutes = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f}" if runs else "–"
         lines.append(f"| {v.name} | `{' '.join(v.overrides)}` | {seeds} | "
-                     f"{_mean_std([r['top1'] for r in runs])} | {v.paper or '–'} | {config} |")
-    lines += ["", "Claims:"]
-    for better, worse, claim in grid.claims:
-        tops = [[r["top1"] for r in results.get(name, [])] for name in (better, worse)]
-        lines.append(f"- {better} > {worse} ({claim}): {verdict(*tops)}.")
+                     f"{_mean_std([r['top1'] for r in runs])} | {v.paper or '–'} | {minutes} | {config} |")
+    lines += ["", "Claims (Welch's t-test, two-sided, 5%; the bootstrap resamples the seeds of each side; "
+                  "the smallest detectable gap is at 80% power with these seeds' spread):"]
+    for claim in grid.claims:
+        tops = [[r["top1"] for r in results.get(name, [])] for name in (claim.better, claim.worse)]
+        relation = "=" if claim.same else ">"
+        training = not all(tops) and any(progress.get(n) for n in (claim.better, claim.worse))
+        lines.append(f"- {claim.better} {relation} {claim.worse} ({claim.paper}): "
+                     f"{'still training (interim below)' if training else verdict(claim, *tops)}.")
+    lines += ["", *_interim(grid, curves, progress)]
     count = sum(len(r) for r in results.values())
-    lines += ["", f"Wall time: {wall / 60:.1f} min for {count} runs (training + final k-NN).", ""]
+    lines += [f"Wall time: {wall / 60:.1f} min for the {sum(len([r for r in rs if 'same_as' not in r]) for rs in results.values())} "
+                  f"runs trained for this grid of {count} (training + final k-NN).", ""]
     if count:
         lines += [f"![{png}]({rel}/{png})" for png in _plots(grid, results, curves, folder, floor)] + [""]
     return lines
 
 
+PEER_NAMES = {"simclr": "SimCLR", "mocov2": "MoCo v2", "byol": "BYOL"}
+
+
+def _peer_rows(peers: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in sorted(peers, key=lambda r: (r["method"], r["budget"], r["seed"])):
+        rows.setdefault((r["method"], r["budget"]), []).append(r)
+    return rows
+
+
+def _standing(peers: list[dict], pic: list[dict]) -> str:
+    """The page's first paragraph: where PIC stands against the peers (only what was measured)."""
+    if not peers or not pic:
+        return ("Where PIC stands against SimCLR / MoCo v2 / BYOL at this scale: not measured yet "
+                "(`python benchmarks/peers.py --scale cpu` runs them beside PIC).")
+    pic_tops = [r["top1"] for r in pic]
+    parts = []
+    for (method, budget), runs in _peer_rows(peers).items():
+        tops = [r["top1"] for r in runs]
+        if min(len(tops), len(pic_tops)) >= MIN_SEEDS:
+            c = compare(pic_tops, tops)
+            word = ("above" if c.gap > 0 else "below") if c.p < ALPHA else "not separable from"
+            parts.append(f"{word} {PEER_NAMES[method]} at equal {budget} ({statistics.mean(tops):.1f}, "
+                         f"p = {c.p:.2g})")
+        else:
+            parts.append(f"{PEER_NAMES[method]} at equal {budget}: {statistics.mean(tops):.1f} from {len(tops)} "
+                         f"seed{'s' if len(tops) > 1 else ''} (no verdict)")
+    return (f"Where PIC stands at this scale: PIC's base run reaches k-NN top-1 {statistics.mean(pic_tops):.1f} "
+            f"({len(pic_tops)} seeds); it is " + "; ".join(parts) + ". Peers are lightly's SimCLR, MoCo v2 and "
+            "BYOL on the same backbone, data, image size and k-NN protocol (`benchmarks/peers.py`); "
+            "\"equal time\" is equal training CPU seconds.")
+
+
+def _per_seed(runs: list[dict]) -> str:
+    return ", ".join(f"{r['top1']:.1f} (s{r['seed']})" for r in runs) or "not run"
+
+
+def _peers_section(peers: list[dict], pic: list[dict]) -> list[str]:
+    if not peers:
+        return []
+    pic_tops = [r["top1"] for r in pic]
+    pic_row = "| PIC | – | – | – | not run | – | – |"
+    if pic:
+        cpu = statistics.mean(r.get("train_cpu_s", float("nan")) for r in pic)
+        pic_row = (f"| PIC | – | {pic[0]['settings']['optim']['epochs']:g} | {cpu:.0f} | {_per_seed(pic)} | "
+                   f"{_mean_std(pic_tops)} | – |")
+    lines = ["## Peers: SimCLR, MoCo v2, BYOL (lightly) beside PIC", "",
+             "`python benchmarks/peers.py --scale cpu --seeds 0,1,2` (lightly's CIFAR-10 benchmark settings: batch "
+             "128, SGD lr 0.06, momentum 0.9, weight decay 5e-4, cosine; SimCLRTransform at 32 px without blur; "
+             "two views per image per step, so a peer epoch costs about twice PIC's or more). Last column: "
+             "PIC's claimed lead, tested as the grids' claims.", "",
+             "| method | budget | epochs | training CPU s per run | k-NN top-1 per seed | mean ± std | PIC > peer |",
+             "| --- | --- | --- | --- | --- | --- | --- |", pic_row]
+    for (method, budget), runs in _peer_rows(peers).items():
+        tops = [r["top1"] for r in runs]
+        against = verdict(Claim("PIC", method, ""), pic_tops, tops) if pic_tops else "–"
+        lines.append(f"| {PEER_NAMES[method]} | equal {budget} | {statistics.mean(r['epochs'] for r in runs):.1f} | "
+                     f"{statistics.mean(r['train_cpu_s'] for r in runs):.0f} | {_per_seed(runs)} | "
+                     f"{_mean_std(tops)} | {against} |")
+    return lines + [""]
+
+
+NOT_RUN_HERE = (
+    "python tools/reproduce.py --grid all --scale gpu --seeds 0,1,2",
+    "picstream-train --config configs/in1k.yaml",
+    "picstream-train --config configs/in1k-multicrop.yaml",
+    "picstream-train --config configs/in11k.yaml",
+)
+
+
 def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curves: dict,
-               random_init: dict | None, seeds: list[int], not_run: list[str] = ()) -> None:
+               random_init: dict | None, seeds: list[int], not_run: list[str] = (),
+               peers: list[dict] = (), pic: list[dict] = (), progress: dict | None = None) -> None:
     """``page`` and its plots in ``<page stem>/`` beside it. ``results[grid][variant]`` = result
-    dicts (one per seed); ``curves[grid][variant]`` = each seed's ``read_curves``."""
+    dicts (one per seed); ``curves[grid][variant]`` = each seed's ``read_curves``; ``peers`` =
+    `benchmarks/peers.py` results beside ``pic``, PIC's base runs; ``progress[grid][variant]`` = runs
+    still training (seed and monitor curves)."""
     folder = page.parent / page.stem
     folder.mkdir(parents=True, exist_ok=True)
+    planned = sorted(set(seeds) | set(range(MIN_SEEDS)))   # the commands name at least the seeds a verdict needs
     lines = [
         "# Reproducing the paper's ablations", "",
+        _standing(list(peers), list(pic)), "",
         "Generated by `tools/reproduce.py` (do not edit by hand). Regenerate with:", "",
-        f"```bash\n{_command('all', scale, seeds)}\n```", "",
-        "(add `--cifar10 PATH` when CIFAR-10 is not in the shared data folder; finished runs are "
-        "skipped, interrupted ones resume).", "",
+        f"```bash\n{_command('all', scale, planned)}\n```", "",
+        "(add `--cifar10 PATH` when CIFAR-10 is not in the shared data folder; `--jobs 2` trains two runs at "
+        "once; finished runs are skipped, interrupted ones resume).", "",
         f"- Scale `{scale.name}`: {scale.description}.",
         f"- Machine: {machine()}.",
         f"- Seeds: {', '.join(map(str, seeds))}. Every run is a `picstream-train` run with the overrides "
-        "shown on top of the scale's base; its full config is linked.",
+        "shown on top of the scale's base; its full config is linked. A variant whose settings equal "
+        "another grid's (e.g. the base run) reuses that grid's runs.",
         "- Ours: k-NN top-1 (k = 200, τ = 0.07) on the test split after the last step; the curves come "
         "from the runs' k-NN monitor and loss log. Paper: ImageNet-1K linear-probe top-1 of ResNet-50 — "
         "compare the direction of each effect, not the values.",
@@ -147,14 +265,19 @@ def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curve
     if random_init is not None:
         lines.append(f"- Randomly initialised backbone: k-NN top-1 {random_init['top1']:.1f}.")
     lines.append("- Wall times are this machine's, with whatever else ran on it at the time.")
+    lines.append(f"- Verdicts: reproduced / reversed / no effect detectable at this power, from Welch's t-test "
+                 f"(5%, two-sided) on at least {MIN_SEEDS} seeds a side; fewer seeds give no verdict.")
     if not_run:
-        lines.append(f"- Not run yet at this scale: {', '.join(not_run)} (`{_command(not_run[0], scale, seeds)}` "
-                     "adds a grid to this page).")
-    if scale.name != "gpu":
-        lines.append("- At this small scale differences of a point or two are usually inside the seed "
-                     "noise; each claim below says whether the seeds separate.")
+        lines.append("- Not run yet at this scale: " + ", ".join(f"{n} (`{_command(n, scale, planned)}`)"
+                                                               for n in not_run) + ".")
+    lines.append("- Not built yet: accuracy vs N at a fixed K (N ×1, ×4, ×16, same K, same steps per instance) "
+                 "and `classifier.row_init` (a row initialised from its instance's feature).")
+    lines.append("- Not run here (no GPU, no ImageNet on this machine): " +
+                 ", ".join(f"`{c}`" for c in NOT_RUN_HERE) + ".")
     lines.append("")
     for grid in grids:
         lines += _grid_section(grid, scale, results.get(grid.name, {}), curves.get(grid.name, {}), folder,
-                               folder.name, random_init["top1"] if random_init else None)
+                               folder.name, random_init["top1"] if random_init else None,
+                               (progress or {}).get(grid.name, {}))
+    lines += _peers_section(list(peers), list(pic))
     page.write_text("\n".join(lines))

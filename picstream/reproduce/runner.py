@@ -18,12 +18,12 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import list_checkpoints
-from ..config import parse_overrides
+from ..config import load_config, parse_overrides
 from ..shards import make_shards
 from .grids import Grid, Scale, Variant
 
 __all__ = ["DataSplits", "class_subset", "prepare_cifar10", "run_variant", "read_curves", "slug",
-           "random_init_knn"]
+           "random_init_knn", "run_env", "run_measured"]
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,24 @@ def _cifar10_root(source: Path, work: Path) -> Path:
     return root
 
 
-def prepare_cifar10(source: Path, work: Path, scale: Scale) -> DataSplits:
-    """Shards of the scale's CIFAR-10 splits under ``work`` (made once, reused afterwards)."""
+def prepare_cifar10(source: Path, work: Path, scale: Scale, pretrain_per_class: int | None = None) -> DataSplits:
+    """Shards of the scale's CIFAR-10 splits under ``work`` (made once, reused afterwards);
+    ``pretrain_per_class`` replaces the scale's pre-training subset (the bank and test stay)."""
     root = _cifar10_root(source, work)
     pretrain_n, bank_n, test_n = scale.per_class or (None, None, None)
+    tag = ""
+    if pretrain_per_class is not None and pretrain_per_class != pretrain_n:
+        pretrain_n, tag = pretrain_per_class, f"-{pretrain_per_class}pc"
     manifests = {}
     for name, split, per_class in (("pretrain", "train", pretrain_n), ("bank", "train", bank_n),
                                    ("test", "test", test_n)):
-        out = work / f"{scale.name}-{name}"
+        stem = f"{scale.name}-{name}{tag if name == 'pretrain' else ''}"
+        out = work / stem
         if name == "bank" and per_class == pretrain_n:   # the same images: one shard set
             manifests[name] = manifests["pretrain"]
             continue
         if not (out / "manifest.json").exists():
-            images = class_subset(root / split, work / f"{scale.name}-{name}-images", per_class)
+            images = class_subset(root / split, work / f"{stem}-images", per_class)
             make_shards(str(images), str(out), shard_size=1024, seed=0, progress=False)
         manifests[name] = out / "manifest.json"
     return DataSplits(**manifests)
@@ -93,14 +98,45 @@ def _steps(epochs: float, n: int, batch: int) -> int:
     return max(1, -(-int(round(epochs * n)) // batch))
 
 
+def _settings(scale: Scale, variant: Variant) -> dict:
+    """Every training setting of a variant, defaults filled in (no run names, paths or monitor)."""
+    config = load_config(None, [*scale.base, *variant.overrides, "data.train=unused"]).to_dict()
+    return {key: value for key, value in config.items() if key not in ("run", "monitor")}
+
+
+def _same_run(out: Path, scale: Scale, settings: dict, seed: int, pretrain: Path) -> dict | None:
+    """A finished run of another grid with the same settings, data and seed (reused, not trained again)."""
+    for path in sorted(out.glob(f"{scale.name}/*/*-s{seed}/result.json")):
+        result = json.loads(path.read_text())
+        if result.get("settings") != settings or "same_as" in result:
+            continue
+        if yaml.safe_load(Path(result["config"]).read_text())["data"]["train"] == str(pretrain):
+            return {**result, "same_as": str(path.parent)}
+    return None
+
+
+def run_env(scale: Scale) -> dict[str, str]:
+    """The environment of a run: the scale's thread count when it sets one."""
+    return {**os.environ, "OMP_NUM_THREADS": str(scale.threads)} if scale.threads else dict(os.environ)
+
+
 def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: DataSplits, out: Path,
                 num_instances: int, log) -> dict:
-    """Train (or resume) one run, then its final k-NN; returns ``result.json``'s content."""
+    """Train (or resume) one run, then its final k-NN; returns ``result.json``'s content. A variant
+    whose settings equal a finished run of another grid (same seed) takes that run's result."""
     run_dir = out / scale.name / grid.name / f"{slug(variant.name)}-s{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     overrides = dict(o.split("=", 1) for o in scale.base + variant.overrides)
+    settings = _settings(scale, variant)
+    same = _same_run(out, scale, settings, seed, data.pretrain)
+    if same is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        same.update(grid=grid.name, variant=variant.name, overrides=list(variant.overrides))
+        result_path.write_text(json.dumps(same, indent=2) + "\n")
+        log(f"[{grid.name}] {variant.name} seed {seed}: the run of {same['same_as']} (same settings)")
+        return same
     batch, epochs = int(overrides["optim.batch_size"]), float(overrides["optim.epochs"])
     every = max(1, _steps(epochs, num_instances, batch) // scale.knn_points)
     cmd = [sys.executable, "-m", "picstream.train", "--config", str(base_config(scale, out)),
@@ -110,12 +146,15 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
            f"monitor.every_steps={every}"]
     log(f"[{grid.name}] {variant.name} seed {seed}: {' '.join(variant.overrides)}")
     started = time.perf_counter()
-    _check(subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), cmd)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cpu_s = run_measured(cmd, run_env(scale), run_dir / "train.stderr")
     last = list_checkpoints(run_dir / "checkpoints")[-1]
-    knn = _knn(["--checkpoint", str(last)], data, run_dir / "knn.json")
+    knn = _knn(["--checkpoint", str(last)], data, run_dir / "knn.json", scale)
     result = {"grid": grid.name, "variant": variant.name, "seed": seed, "top1": knn["top1"],
-              "top5": knn["top5"], "wall_s": time.perf_counter() - started,
-              "overrides": list(variant.overrides), "config": str(run_dir / "config.yaml")}
+              "top5": knn["top5"], "wall_s": time.perf_counter() - started, "train_cpu_s": cpu_s,
+              "instances": num_instances,
+              "overrides": list(variant.overrides), "config": str(run_dir / "config.yaml"),
+              "settings": settings}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     log(f"[{grid.name}] {variant.name} seed {seed}: k-NN top-1 {knn['top1']:.1f} "
         f"({result['wall_s'] / 60:.1f} min)")
@@ -128,21 +167,29 @@ def random_init_knn(scale: Scale, data: DataSplits, out: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    cifar_stem = ["--cifar-stem"] if "model.cifar_stem=true" in scale.base else []
-    return _knn(["--random-init", "resnet18", *cifar_stem, "--image-size", "32"], data, path)
+    base = dict(o.split("=", 1) for o in scale.base)
+    cifar_stem = ["--cifar-stem"] if base.get("model.cifar_stem") == "true" else []
+    return _knn(["--random-init", base["model.arch"], *cifar_stem, "--image-size", base["data.image_size"]],
+                data, path, scale)
 
 
-def _knn(args: list[str], data: DataSplits, path: Path) -> dict:
+def _knn(args: list[str], data: DataSplits, path: Path, scale: Scale) -> dict:
     cmd = [sys.executable, "-m", "picstream.evaluate", "knn", *args, "--train", str(data.bank),
            "--val", str(data.test), "--workers", "0", "-o", str(path)]
-    _check(subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), cmd)
+    run_measured(cmd, run_env(scale), path.with_suffix(".stderr"))
     return json.loads(path.read_text())
 
 
-def _check(done: subprocess.CompletedProcess, cmd: list[str]) -> None:
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {done.returncode}: {tail[0]}")
+def run_measured(cmd: list[str], env: dict[str, str], stderr: Path) -> float:
+    """Run ``cmd`` (its stderr to the file ``stderr``); the CPU seconds it used, user + system."""
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = stderr.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}: {tail[0]}")
+    return usage.ru_utime + usage.ru_stime
 
 
 def read_curves(run_dir: Path, batch: int, num_instances: int) -> dict[str, list[tuple[float, float]]]:
