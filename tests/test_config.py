@@ -56,3 +56,13 @@ def test_config_round_trips_through_yaml(tmp_path):
     c = load_config(REPO / "configs" / "demo.yaml")
     again = load_config(write(tmp_path, c.to_yaml()))
     assert again == c
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string; a float key takes it as the number it means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-5\n")
+    config = load_config(path, ["optim.base_lr=3e-2", "data.train=x"])
+    assert config.optim.weight_decay == 1e-5 and config.optim.base_lr == 0.03
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(path, ["optim.base_lr=1e-3x", "data.train=x"])

@@ -3,7 +3,7 @@
 A case is interrupted one of three ways — killed just after a checkpoint then resumed with
 ``--resume auto``; finished, then continued from an explicit older checkpoint (the newer ones are
 moved aside); killed at a chosen I/O point inside the run — and must end as the uninterrupted run:
-bit-identical with the same number of processes, equal to 1e-9 (float64, GroupNorm) with another
+bit-identical with the same number of processes, equal to 1e-8 (float64, GroupNorm) with another
 (tests/test_distributed.py says why). Full sampling with 2 processes is refused with one line.
 
 CI runs the sample ``CASES`` (8 points: every level of every factor, the full-sampling resume, a
@@ -35,6 +35,9 @@ ROOT = Path(__file__).parents[1]
 RUNNER = Path(__file__).with_name("crash_runner.py")
 STEPS = 12
 SETTINGS = [*DISTRIBUTED_SETTINGS, "train.checkpoint_every=4", f"train.max_steps={STEPS}"]  # later keys win
+# another number of processes reorders float64 sums; with multi-crop and the plain softmax these
+# runs amplify that a little more than tests/test_distributed.py's (measured: 1.09e-9 after 12 steps)
+OTHER_WORLD_RTOL = 1e-8
 TIMEOUT = 600  # a hang guard only: a run takes well under a minute
 FULL_REFUSED = ("picstream-train: error: classifier.sampling = full is the 1-process reference; a "
                 "distributed run needs classifier.sampling = recent")
@@ -155,11 +158,12 @@ def references(tmp_path_factory, shapes_shards):
 def kill_point(case: Case) -> tuple[str, str]:
     """Where the 'kill' mode stops the run (in its last rank), between the step-4 and step-8
     checkpoints: inside the step-8 checkpoint write for full sampling (no row store); for recent
-    sampling as the rank's second weight chunk is written (inside the step-8 commit of the store)."""
+    sampling three I/O points after the rank's file of the step-4 checkpoint (once the checkpoint is
+    complete: the rank waits for rank 0's main file), inside the row store's writes that follow."""
     action = "kill" if case.world == 1 else f"kill@{case.world - 1}"
     if case.sampling == "full":
         return action, "create:*ckpt-000000008.tmp*:1"
-    return action, "create:*/rowstore.zarr/*weight/c/*:2"
+    return action, "rename:*/ckpt-000000004*:1:+3"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -189,4 +193,4 @@ def test_resume(case, references, shapes_shards, tmp_path):
     if after != case.world:
         assert f"re-partitioned the classifier rows of {case.world} processes onto {after}" in resumed.stderr
     same_world = after == case.world
-    assert_same(references(case, after), final_state(run_dir), rtol=0 if same_world else 1e-9)
+    assert_same(references(case, after), final_state(run_dir), rtol=0 if same_world else OTHER_WORLD_RTOL)
