@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from loader import prepare  # noqa: E402  (benchmarks/loader.py: ImageNet sample → shards)
+from picstream.classifier import MultiViewLoss  # noqa: E402
 from picstream.config import load_config  # noqa: E402
 from picstream.evaluate import extract_splits, knn_classify  # noqa: E402
 from picstream.model import PICNet  # noqa: E402
@@ -284,11 +285,14 @@ def run_steps(trainer: Trainer, images: torch.Tensor, start: int, count: int,
     return done, time.perf_counter() - t0
 
 
-class NoRows:
+class NoRows(MultiViewLoss):
     """Section 2(a)'s classifier: the logits are ``z`` itself (B×D, fixed targets) — no rows."""
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         return z, torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+
+    def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
+        return z
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)

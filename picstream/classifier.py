@@ -70,7 +70,7 @@ class InstanceClassifier(PartitionedState, Protocol):
     def close(self, flush: bool = True) -> None: ...
 
 
-class _MultiViewLoss:
+class MultiViewLoss:
     """``loss``: the mean over views of the cross-entropy against the instance rows (multi-crop,
     :mod:`picstream.multicrop`). The batch's rows are admitted once, by the main view's ``logits``;
     the other views are scored against the same rows, detached when ``multi_crop_rows == 'main'``."""
@@ -84,7 +84,7 @@ class _MultiViewLoss:
         return torch.stack([self.cross_entropy(v, targets) for v in views]).mean()
 
 
-class RecentClassifier(_MultiViewLoss):
+class RecentClassifier(MultiViewLoss):
     """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`."""
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
@@ -195,7 +195,7 @@ class RecentClassifier(_MultiViewLoss):
         self.store.close(flush)
 
 
-class FullClassifier(_MultiViewLoss):
+class FullClassifier(MultiViewLoss):
     """The reference: a dense N-row parameter over all rows with stock ``torch.optim.SGD``."""
 
     def __init__(self, num_rows: int, dim: int, *, loss: str, temperature: float, momentum: float,
@@ -306,7 +306,7 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     In a distributed ``world`` each rank opens its part of the store (``store_url`` shared by all
     ranks, or per rank when it contains ``{rank}``); ``cache_rows`` is then per rank.
     ``sampling='full'`` is the dense reference over all N rows (one process only).
-    ``multi_crop_rows``: which views' gradients reach the rows (:meth:`_MultiViewLoss.loss`).
+    ``multi_crop_rows``: which views' gradients reach the rows (:meth:`MultiViewLoss.loss`).
     """
     if loss not in ("cosine", "plain"):
         raise ValueError(f"unknown loss {loss!r}")
