@@ -33,8 +33,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
+from picstream.config import ModelConfig  # noqa: E402
 from picstream.evaluate import extract_splits, knn_classify  # noqa: E402
-from picstream.model import backbone_dim, build_backbone  # noqa: E402
+from picstream.model import build_backbone  # noqa: E402
 from picstream.reproduce.cli import default_cifar10  # noqa: E402
 from picstream.reproduce.grids import SCALES, Grid, Variant  # noqa: E402
 from picstream.reproduce.runner import DataSplits, prepare_cifar10, run_variant  # noqa: E402
@@ -114,7 +115,7 @@ class TwoViews(torch.utils.data.Dataset):
 def train_peer(method: str, arch: str, data: TwoViews, epochs: float, seed: int) -> tuple[nn.Module, float, int]:
     """Train one peer for ``epochs`` (a fraction is a number of steps); (backbone, CPU s, steps)."""
     torch.manual_seed(seed)
-    model = Peer(method, build_backbone(arch), backbone_dim(arch))
+    model = Peer(method, *build_backbone(ModelConfig(arch=arch)))
     params = [p for p in model.parameters() if p.requires_grad]
     lr = LR * BATCH / 128
     optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
