@@ -105,7 +105,8 @@ def test_interim_claims_use_the_last_monitor_epoch_every_run_reached():
     progress = {"K=100 exact": [{"seed": s, "knn": curve(20, 24 + s, 30)} for s in range(3)],
                 "K=100 none": [{"seed": s, "knn": curve(19, 20 + s * 0.5)} for s in range(3)]}
     lines = _interim(grid, {}, progress)
-    assert lines[0].startswith("Still training: K=100 exact s0 (epoch 9.9)")
+    assert lines[0].startswith("Not finished yet (training, or interrupted: the grid's command resumes them): "
+                               "K=100 exact s0 (epoch 9.9)")
     (claim,) = [line for line in lines if line.startswith("- ")]
     assert claim.startswith("- at epoch 6.6: K=100 exact > K=100 none: 24.0, 25.0, 26.0 vs 20.0, 20.5, 21.0: "
                             "**reproduced**")

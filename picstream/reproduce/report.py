@@ -107,7 +107,8 @@ def _interim(grid: Grid, curves: dict, progress: dict[str, list[dict]]) -> list[
                for name, runs in progress.items() for p in runs]
     if not running:
         return []
-    lines = [f"Still training: {', '.join(running)}. Interim, from the k-NN monitor (same protocol, before the "
+    lines = [f"Not finished yet (training, or interrupted: the grid's command resumes them): "
+             f"{', '.join(running)}. Interim, from the k-NN monitor (same protocol, before the "
              "last step; not the final numbers):"]
     for claim in grid.claims:
         sides = [[c["knn"] for c in curves.get(n, [])] + [p["knn"] for p in progress.get(n, [])]
@@ -156,7 +157,7 @@ def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curv
         relation = "=" if claim.same else ">"
         training = not all(tops) and any(progress.get(n) for n in (claim.better, claim.worse))
         lines.append(f"- {claim.better} {relation} {claim.worse} ({claim.paper}): "
-                     f"{'still training (interim below)' if training else verdict(claim, *tops)}.")
+                     f"{'not finished yet (interim below)' if training else verdict(claim, *tops)}.")
     lines += ["", *_interim(grid, curves, progress)]
     count = sum(len(r) for r in results.values())
     lines += [f"Wall time: {wall / 60:.1f} min for the {sum(len([r for r in rs if 'same_as' not in r]) for rs in results.values())} "
