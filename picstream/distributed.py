@@ -16,6 +16,7 @@ lock goes with the process and the same command resumes from the last checkpoint
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -117,7 +118,15 @@ def init_world(device: torch.device, timeout_s: float = 1800.0) -> World:
 
 
 def close_world(world: World) -> None:
+    """Leave the job: destroy every process group now, while the interpreter is fully alive.
+
+    The caller first drops what holds a group (its DDP wrapper: the reducer keeps the group and the
+    Python comm hook alive). A group that outlives this call is torn down by the interpreter's exit,
+    where a gloo worker thread that still holds Python-owned tensors must take the GIL and the process
+    aborts ("terminate called without an active exception") after a run that finished."""
     if world.size > 1 and dist.is_initialized():
+        world.host_group = None
+        gc.collect()  # DDP's wrapper and its hooks form reference cycles
         dist.destroy_process_group()
 
 

@@ -151,9 +151,10 @@ class Trainer:
 
     def close(self) -> None:
         """Release the row store (nothing to write: the last checkpoint committed it), the run's
-        locks and the process group."""
+        locks, the parallel wrapper and the process group (`close_world` says why in that order)."""
         self.classifier.close(flush=False)
         self.lifecycle.close()
+        self.forward = None
         close_world(self.world)
 
     # ------------------------------------------------------------------ the step

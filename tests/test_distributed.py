@@ -209,6 +209,19 @@ def test_resume_onto_another_number_of_processes(reference, shapes_shards, tmp_p
     assert not any(f"-of-{before}." in n for n in names)
 
 
+def test_closing_the_trainer_frees_the_process_group(shapes_shards, tmp_path):
+    """A group that outlives Trainer.close is torn down by the interpreter's exit, where gloo can abort
+    a rank of a run that finished (SIGABRT, "terminate called without an active exception")."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__).with_name("teardown_runner.py")), "--config", str(ROOT / "configs/demo.yaml"),
+           f"run.output_dir={tmp_path / 'run'}", f"data.train={shapes_shards[0]}", *SETTINGS,
+           "train.max_steps=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if "group freed" in line) == [
+        "rank 0 group freed: True", "rank 1 group freed: True"]
+
+
 def test_global_batch_must_divide_by_the_processes(shapes_shards, tmp_path):
     result = launch(2, tmp_path / "run", shapes_shards[0], extra=["optim.batch_size=33"])
     assert result.returncode != 0
