@@ -37,6 +37,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..shards.format import DamagedData, MissingShard, is_local
+from ..shards.retry import filesystem_for_reads
 
 __all__ = ["ShardReader", "SharedFlags", "cache_name", "is_local", "matches_record",
            "remove_stale_partials"]
@@ -316,7 +317,7 @@ class ShardReader:
     def _filesystem(self):
         if self._fs is None:
             url = self.shardset.shard_url(0)
-            self._fs = fsspec.core.url_to_fs(url, **getattr(self.shardset, "storage_options", {}))[0]
+            self._fs = filesystem_for_reads(url, getattr(self.shardset, "storage_options", {}))[0]
         return self._fs
 
     @contextlib.contextmanager

@@ -11,13 +11,12 @@ import os
 from collections import OrderedDict
 from typing import Callable, TypeVar
 
-import fsspec
 import numpy as np
 
 from . import format as F
 from .format import DamagedData, MissingShard, ShardsError
 from .records import Records
-from .retry import RetryPolicy, RetryStats, Unavailable
+from .retry import RetryPolicy, RetryStats, Unavailable, filesystem_for_reads
 
 INDEX_CACHE_SHARDS = 4096  # per-shard index arrays kept (32 bytes per sample)
 RANGE_BYTES = 64 << 20  # iter_range reads at most this many bytes per request
@@ -79,7 +78,7 @@ class ShardSet:
         manifest_url = url if url.endswith(".json") else F.join(url, F.MANIFEST)
         retry, stats = retry or RetryPolicy(), RetryStats()
         try:
-            fs, path = fsspec.core.url_to_fs(manifest_url, **(storage_options or {}))
+            fs, path = filesystem_for_reads(manifest_url, storage_options)
         except (ValueError, ImportError) as err:
             raise ShardsError(f"cannot open shard manifest {manifest_url}: {err}") from None
 
@@ -129,7 +128,7 @@ class ShardSet:
     def fs(self):
         """The filesystem, created lazily in each process (never shared across a fork)."""
         if self._fs is None or self._pid != os.getpid():
-            self._fs = fsspec.core.url_to_fs(self.root, **self.storage_options)[0]
+            self._fs = filesystem_for_reads(self.root, self.storage_options)[0]
             self._pid = os.getpid()
         return self._fs
 

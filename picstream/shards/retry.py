@@ -4,6 +4,9 @@ Exponential backoff with full jitter, a bounded number of tries and a bounded to
 object (404) and other client errors (4xx except 408 and 429) are not retried; server errors, cut
 connections, timeouts and reads whose bytes fail a check (short, wrong size or checksum, not JSON)
 are. Every retry is counted in a :class:`RetryStats` under the kind of read.
+
+On S3 the reads open their filesystem with :func:`filesystem_for_reads`: s3fs's and botocore's own
+retries off, so a 503 SlowDown, a 500 or a reset connection reaches this policy and is counted.
 """
 from __future__ import annotations
 
@@ -11,19 +14,40 @@ import asyncio
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+import fsspec
+
 from .format import SampleError
 
-__all__ = ["RetryPolicy", "RetryStats", "Unavailable", "retryable"]
+__all__ = ["RetryPolicy", "RetryStats", "Unavailable", "filesystem_for_reads", "retryable"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRIED_CLIENT_STATUSES = (408, 429)  # request timeout, too many requests
+
+
+# botocore retries S3's errors itself (`total_max_attempts` tries), and s3fs again around it (its
+# `retries` attribute): one try each, so every failure is this policy's to retry and to count
+S3_ONE_TRY = {"retries": {"total_max_attempts": 1}}
+
+
+def filesystem_for_reads(url: str, storage_options: dict | None = None):
+    """``fsspec.core.url_to_fs(url, **storage_options)`` for reads under :class:`RetryPolicy`: on
+    ``s3://``, the client's own retries off unless ``config_kwargs`` names its own (then uncounted)."""
+    options = dict(storage_options or {})
+    s3 = str(url).startswith(("s3://", "s3a://"))
+    if s3:
+        options["config_kwargs"] = {**S3_ONE_TRY, **options.get("config_kwargs", {})}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if s3:
+        fs.retries = 1  # this instance is our options' own (fsspec caches one per option set)
+    return fs, path
 
 
 class Unavailable(SampleError):
@@ -40,6 +64,9 @@ def retryable(exc: BaseException) -> bool:
     if isinstance(status, int):
         return status >= 500 or status in RETRIED_CLIENT_STATUSES
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
+        return True
+    botocore = sys.modules.get("botocore.exceptions")  # s3fs's transport, when it is in use
+    if botocore is not None and isinstance(exc, (botocore.HTTPClientError, botocore.ConnectionError)):
         return True
     import aiohttp  # fsspec's HTTP transport; imported only once a read has failed
 
