@@ -325,6 +325,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if speaks_for_job():
             print(f"picstream-train: error: {err}", file=sys.stderr)
         return DIVERGED_EXIT
+    except PermissionError as err:  # credentials or permissions of a storage (local or remote) changed mid-run
+        print(f"picstream-train: error: access denied: {err}: fix the credentials or permissions, then rerun the "
+              "same command: it resumes from the last checkpoint", file=sys.stderr)
+        return 2
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise

@@ -2,6 +2,7 @@
 in a subprocess of its own, with fake credentials that exist only in the environment of the test."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -25,9 +26,10 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "picstream-test", "AWS_SECRET_ACCESS_KEY": "
 class MotoServer:
     """moto's S3 on a free port; ``env`` is what a client (s3fs, or a subprocess) needs to reach it."""
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, server_env: dict[str, str] | None = None):
+        """`server_env`: moto settings for the server process (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT``)."""
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(server_env or {})})
         self.port = int(self.proc.stdout.readline())
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}

@@ -30,9 +30,9 @@ def test_the_local_endpoint_is_s3(s3):
     assert fs.cat(f"{s3}/a/b") == b"hello" and fs.ls(f"{s3}/a") == [f"{s3[5:]}/a/b"]
 
 
-def make_shards_cli(*args) -> subprocess.CompletedProcess:
+def make_shards_cli(*args, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ a store finishes a restore the head says was under way and deletes undo logs the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,16 @@ def _local_path(url) -> str | None:
     if isinstance(url, str) and url.startswith("file://"):
         return url[len("file://"):]
     return None
+
+
+@contextlib.contextmanager
+def _access(url):
+    """A refusal of the storage (bad credentials, a read-only bucket) as a one-line StoreError."""
+    try:
+        yield
+    except PermissionError as err:
+        raise StoreError(f"row store {url}: access denied ({err}): check the credentials and the "
+                         "permissions there (a run writes its row store)") from None
 
 
 def _open_group(url, mode: str, storage_options: dict | None) -> zarr.Group:
@@ -182,8 +193,9 @@ class RowStore:
         head = {"store_id": uuid.uuid4().hex, "run_id": run_id}
         local = _local_path(url)
         if local is None:
-            cls._remove_interrupted_creation(url, storage_options)
-            cls._build(url, attrs, head, np.dtype(dtype), storage_options, durable)
+            with _access(url):
+                cls._remove_interrupted_creation(url, storage_options)
+                cls._build(url, attrs, head, np.dtype(dtype), storage_options, durable)
         else:
             if os.path.lexists(local):
                 raise StoreError(f"{local} already exists")
@@ -235,11 +247,12 @@ class RowStore:
              durable: bool = False, part: tuple[int, int] = (0, 1)) -> "RowStore":
         """Open a store (rank ``part[0]``'s part of it in a ``part[1]``-rank run), first finishing any
         restore, commit or prune a killed process left half done."""
-        try:
-            root = _open_group(url, "r+", storage_options)
-        except FileNotFoundError:
-            raise StoreNotFound(f"no row store at {url}") from None
-        return cls(root, cache_rows, durable, part)
+        with _access(url):
+            try:
+                root = _open_group(url, "r+", storage_options)
+            except FileNotFoundError:
+                raise StoreNotFound(f"no row store at {url}") from None
+            return cls(root, cache_rows, durable, part)
 
     @classmethod
     def destroy(cls, url, storage_options: dict | None = None) -> None:

@@ -8,8 +8,14 @@ BUCKET_SCHEMES = ("s3", "s3a", "gs", "gcs")
 
 
 def check_bucket(out: str, fs, root: str) -> None:
-    """Refuse an ``out`` URL whose bucket (the first part of ``root``) does not exist."""
+    """Refuse an ``out`` URL whose bucket (the first part of ``root``) does not exist. A bucket these
+    credentials may not look at (``exists`` would say False) is left to the first write to refuse: a user
+    may write where they cannot list."""
     if out.split("://", 1)[0] in BUCKET_SCHEMES and "://" in out:
         bucket = root.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise ShardsError(f"{out}: bucket {bucket} does not exist (make_shards does not create buckets)")
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise ShardsError(f"{out}: bucket {bucket} does not exist (make_shards does not create buckets)") from None
+        except PermissionError:
+            pass

@@ -112,6 +112,9 @@ class ShardSet:
                                       "the copy there is damaged") from None
             detail = f"{cause}" if isinstance(cause, _BadBody) else f"{err}"
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {detail}") from None
+        except PermissionError as err:
+            raise ShardsError(f"cannot read shard manifest {manifest_url}: access denied ({err}): check the "
+                              "credentials and the permissions of where it lies") from None
         except OSError as err:
             raise ShardsError(f"cannot read shard manifest {manifest_url}: {err}") from None
         root = manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
