@@ -3,9 +3,9 @@
 On the CPU every tensor is a host tensor, so the counter tracks which tensors *would* live on the
 device: the ones given to it (the model's parameters, the classifier's rows), every tensor a factory
 makes with an explicit ``device=`` (except draws from a generator it is told is the host's), every
-upload's result, and every result of an op with such an
-input (a :class:`TorchDispatchMode` propagates the mark through views and in-place writes). A
-:class:`TorchFunctionMode` then counts, by kind:
+upload's result, and every result of an op with such an input (a :class:`TorchDispatchMode`
+propagates the mark through views and in-place writes). It and a :class:`TorchFunctionMode` count,
+by kind:
 
 - ``tolist``, ``numpy``, ``cpu``, ``__array__`` of a device tensor, and ``item`` (every
   ``_local_scalar_dense``: ``item``, ``__bool__``, ``__float__``, ``__int__`` ...): a device → host read;
@@ -21,6 +21,7 @@ On the CPU the host and the device are one ``torch.device``, so the code under t
 apart: the device by a ``torch.device`` (or a tensor's ``.device``), the host by the string
 ``"cpu"`` or ``.cpu()``. ``.to("cpu")`` of host data is no upload; a download must be spelled
 ``.cpu()``/``.numpy()``/``.tolist()`` (``.to(device)`` of a device tensor is the no-op it is there).
+An upload on the CPU returns its source, which is then marked too (counting more, never less).
 """
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ path (losses, model, every resident and stored row), and ``auto`` turns it on af
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from picstream.classifier import resolve_overlap

@@ -61,6 +61,21 @@ def syncs_per_step(tmp_path, *extra) -> list[Counter]:
     return counts[WARMUP:]
 
 
+def test_counter_counts_each_kind_of_sync_on_device_tensors_only():
+    w, host = torch.arange(4.0) - 1, torch.arange(4.0)
+    with SyncCounter([w]) as n:
+        w.sum().item(), bool(w[0]), w.tolist(), w.numpy(), w.cpu()
+        w.nonzero(), w.unique(), w[w > 0], torch.masked_select(w, w > 0)
+        # (on the CPU an upload returns its source: the copies uploaded are host's, not host)
+        (host * 1).to(w.device), torch.tensor([1.0], device=w.device), (host * 1).to(w.device, non_blocking=True)
+        down = torch.empty(4)
+        down.copy_(w * 2, non_blocking=True)
+        down.numpy()
+        host.tolist(), host.nonzero(), host.to("cpu"), (host + 1).numpy()   # host work: not counted
+    assert n == Counter({"item": 2, "tolist": 1, "numpy": 1, "cpu": 1, "nonzero": 1, "unique": 1,
+                         "bool_index": 1, "masked_select": 1, "upload": 2, "wait": 1}), n.sites
+
+
 @pytest.mark.parametrize("extra", [["classifier.sampling=recent"], ["classifier.sampling=full"],
                                    ["classifier.sampling=recent", "data.multi_crop=[[8, 2]]"]],
                          ids=["recent", "full", "multi-crop"])
