@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import sys
 import tempfile
 from typing import Protocol, runtime_checkable
 
@@ -28,6 +29,8 @@ from .config import Config, ConfigError
 from .distributed import World, gather_features, sharded_cross_entropy
 from .lifecycle import PartitionedState
 from .rowstore import RecentRows, RowStore, StoreError, StoreNotFound, TransitionLog, init_rows, store_url_of_rank
+from .rowstore.overlap import overlap_matches_synchronous
+from .transfer import to_device
 
 NORM_EPS = 1e-6
 
@@ -90,13 +93,14 @@ class RecentClassifier(MultiViewLoss):
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
                  momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None,
                  storage_options=None, compact_min_steps: int = 1024, world: World | None = None,
-                 multi_crop_rows: str = "main"):
+                 multi_crop_rows: str = "main", overlap: bool = False):
         self.store, self.loss_kind, self.temperature = store, loss, temperature
         self.multi_crop_rows = multi_crop_rows
         self.store_url, self.storage_options = store_url, storage_options
         self.world = world or World()
         self.log = TransitionLog(momentum, weight_decay)
-        self.rows = RecentRows(store, self.log, capacity, device, dtype, correction, compact_min_steps)
+        self.rows = RecentRows(store, self.log, capacity, device, dtype, correction, compact_min_steps,
+                               overlap=overlap)
         self._leaf: torch.Tensor | None = None
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +143,8 @@ class RecentClassifier(MultiViewLoss):
 
     def commit_state(self) -> dict:
         """Commit the row store; returns the device rows, the transition log, and the store's
-        identity and the generation just committed."""
+        identity and the generation just committed (with the last admission's evicted rows)."""
+        self.rows.write_pending()
         return {"sampling": "recent", "store_id": self.store.store_id, "generation": self.store.commit(),
                 "part": [self.store.rank, self.store.world], "rows": self.rows.state_dict(),
                 "log": self.log.state_dict()}
@@ -156,6 +161,7 @@ class RecentClassifier(MultiViewLoss):
     def load_state(self, state: dict) -> None:
         """Return the store to the checkpoint's generation (refused when it is another store)."""
         self._check_store(state)
+        self.rows.write_pending()
         self.store.restore(int(state["generation"]))
         self.log.load_state_dict(state["log"])
         self.rows.load_state_dict(state["rows"])
@@ -171,6 +177,7 @@ class RecentClassifier(MultiViewLoss):
         Every rank calls it; the lifecycle then saves a checkpoint and calls ``retire_other_parts``."""
         for state in states:
             self._check_store(state)
+        self.rows.write_pending()
         for o in range(self.world.rank, len(states), self.world.size):
             part = self._open_part((o, len(states)))
             part.restore(int(states[o]["generation"]))
@@ -192,6 +199,7 @@ class RecentClassifier(MultiViewLoss):
 
     def close(self, flush: bool = True) -> None:
         """Release the store (``flush=False``: leave its unflushed rows unwritten)."""
+        self.rows.write_pending()
         self.store.close(flush)
 
 
@@ -209,7 +217,7 @@ class FullClassifier(MultiViewLoss):
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×N logits, targets = ids)``."""
-        targets = torch.as_tensor(ids, dtype=torch.long).to(self.weight.device)
+        targets = to_device(torch.as_tensor(ids, dtype=torch.long), self.weight.device)
         return self.view_logits(z), targets
 
     def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
@@ -295,7 +303,7 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
                      device="cpu", fresh: bool = False, run_id: str | None = None,
                      durable: bool = False, compact_min_steps: int = 1024, world: World | None = None,
-                     multi_crop_rows: str = "main"):
+                     multi_crop_rows: str = "main", overlap: bool = False):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
@@ -307,6 +315,7 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     ranks, or per rank when it contains ``{rank}``); ``cache_rows`` is then per rank.
     ``sampling='full'`` is the dense reference over all N rows (one process only).
     ``multi_crop_rows``: which views' gradients reach the rows (:meth:`MultiViewLoss.loss`).
+    ``overlap``: the store write of evicted rows is deferred to the next admission (:class:`RecentRows`).
     """
     if loss not in ("cosine", "plain"):
         raise ValueError(f"unknown loss {loss!r}")
@@ -336,18 +345,35 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                          f"dtype {store.dtype}; expected ({num_rows}, {dim}), {np_dtype}")
     return RecentClassifier(store, min(capacity, num_rows), correction=correction, device=device,
                             dtype=dtype, store_url=url, storage_options=storage_options,
-                            compact_min_steps=compact_min_steps, world=world, **common)
+                            compact_min_steps=compact_min_steps, world=world, overlap=overlap, **common)
+
+
+def resolve_overlap(setting: str, device, dtype: torch.dtype, say=lambda m: print(m, file=sys.stderr),
+                    check=overlap_matches_synchronous) -> bool:
+    """``classifier.overlap``: ``on``/``off`` as set; ``auto`` is on where deferred write-back has
+    matched the synchronous path bit for bit on this device in this process (``check``), else off,
+    saying so."""
+    if setting != "auto":
+        return setting == "on"
+    if check(torch.device(device), dtype):
+        return True
+    say(f"note: classifier.overlap = auto: deferred row write-back differs from the synchronous path "
+        f"on {device}; training with classifier.overlap = off")
+    return False
 
 
 def classifier_from_config(config: Config, num_rows: int, world: World, *, store_url: str, fresh: bool,
-                           run_id: str, cache_rows: int, dtype: torch.dtype, device) -> InstanceClassifier:
+                           run_id: str, cache_rows: int, dtype: torch.dtype, device,
+                           say=lambda m: print(m, file=sys.stderr)) -> InstanceClassifier:
     """The run's classifier over ``num_rows`` instances, from ``config.classifier`` (its rows' SGD
-    from ``config.optim``; its row store at ``store_url``, for run ``run_id``, fresh or continued)."""
+    from ``config.optim``; its row store at ``store_url``, for run ``run_id``, fresh or continued);
+    ``say`` gets the one line of an ``overlap = auto`` that stays off."""
     cls = config.classifier
+    overlap = cls.sampling == "recent" and resolve_overlap(cls.overlap, device, dtype, say)
     return build_classifier(
         num_rows, config.model.feature_dim, sampling=cls.sampling, capacity=min(cls.recent_k, num_rows),
         loss=cls.loss, temperature=cls.temperature, momentum=config.optim.momentum,
         weight_decay=config.optim.weight_decay, correction=cls.correction, store_url=store_url,
         seed=config.run.seed, chunk_rows=cls.chunk_rows, cache_rows=cache_rows, dtype=dtype, device=device,
         fresh=fresh, run_id=run_id, durable=config.train.durability == "power", world=world,
-        multi_crop_rows=cls.multi_crop_rows)
+        multi_crop_rows=cls.multi_crop_rows, overlap=overlap)

@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -86,6 +86,9 @@ class ClassifierConfig:
     # which views' gradients reach the rows under multi-crop: the main view only (the authors'
     # detached classifier for the extra crops) or every view (summed)
     multi_crop_rows: Literal["main", "all"] = "main"
+    # the store write of evicted rows deferred by one admission (bit-identical to off, the synchronous
+    # path); auto: on once a self-check on the device has matched off (YAML's true/false: on/off)
+    overlap: Union[Literal["auto", "on", "off"], bool] = "auto"
 
 
 @dataclass
@@ -291,7 +294,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 # Keys a resumed run may change: they do not alter the training trajectory.
 RESUME_SAFE_KEYS = ("run.name", "run.output_dir", "data.workers", "data.cache_dir", "data.cache_gb",
                     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.durability", "train.compile", "train.dist_timeout_s", "monitor.")
+                    "train.durability", "train.compile", "train.dist_timeout_s", "classifier.overlap",
+                    "monitor.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -373,6 +377,8 @@ def validate(config: Config) -> None:
         raise ConfigError("config key 'schedule.stride' must be <= 'schedule.window'")
     if config.classifier.sampling == "recent" and config.classifier.recent_k < config.optim.batch_size:
         raise ConfigError("config key 'classifier.recent_k' must be >= 'optim.batch_size'")
+    if isinstance(config.classifier.overlap, bool):  # YAML 1.1 reads a bare on/off as a boolean
+        config.classifier.overlap = "on" if config.classifier.overlap else "off"
     for key, folder, why in (("run.output_dir", config.run.output_dir, "the run lock and the checkpoints' renames"),
                              ("data.cache_dir", config.data.cache_dir, "the verified entries' renames")):
         if folder and "://" in folder:

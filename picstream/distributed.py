@@ -204,9 +204,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         softmax, targets = ctx.saved_tensors
-        here = torch.nonzero(targets >= 0)[:, 0]
-        g = softmax.clone()
-        g[here, targets[here]] -= 1
+        # −1 at each target held here, −0 (which changes nothing) elsewhere: no nonzero, no sync
+        minus_one = -(targets >= 0).to(softmax.dtype)[:, None]
+        g = softmax.clone().scatter_add_(1, targets.clamp_min(0)[:, None], minus_one)
         return g * (grad / softmax.shape[0]), None
 
 

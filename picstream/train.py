@@ -34,6 +34,7 @@ from .rowstore import StoreError
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardsError
 from .train_data import open_train_set, train_loader_from_config
+from .transfer import to_device
 
 
 RECENT_STEPS = 128  # the paper's K / B: 65536 recent rows at batch 512
@@ -130,8 +131,10 @@ class Trainer:
         self.augment = PhotometricAugment.from_config(config.augment, self.world)
         self.amp = (self.device.type == "cuda" and config.train.amp in ("auto", "bf16")
                     and self.dtype == torch.float32)
-        # Without an accelerator the colour augmentation runs in the loader's CPU workers.
+        # Without an accelerator the colour augmentation runs in the loader's CPU workers; else its
+        # parameters are drawn on the host (no sync), by one generator reseeded every view.
         self._augment_in_workers = self.device.type == "cpu" and config.data.workers > 0
+        self._augment_rng = torch.Generator()
 
         self.lifecycle = RunLifecycle(config, self.world, resume=resume, say=self._say,
                                       info={"total_steps": self.total_steps,
@@ -140,7 +143,7 @@ class Trainer:
             config, self.num_instances, self.world, store_url=self.lifecycle.store_url,
             fresh=self.lifecycle.fresh, run_id=self.lifecycle.run_id,
             cache_rows=self.scheduler.host_cache_rows(config.classifier.chunk_rows, self.world.size),
-            dtype=self.dtype, device=self.device)
+            dtype=self.dtype, device=self.device, say=self._say)
         for name, part in (("model", self.model), ("optimizer", self.optimizer),
                            ("torch_rng", TorchRNG()), ("classifier", self.classifier)):
             self.lifecycle.register(name, part)
@@ -185,11 +188,11 @@ class Trainer:
 
     def _view_input(self, step: int, view: int, images: torch.Tensor) -> torch.Tensor:
         """One view on the device; uint8 is colour-augmented here (else the loader did it), seeded
-        by ``(seed, step, view)``."""
-        x = images.to(self.device, non_blocking=True)
+        by ``(seed, step, view)`` on the host."""
+        x = to_device(images, self.device)
         if not x.is_floating_point():
             seed = step_seed(self.config.run.seed, step, view)
-            x = self.augment(x, torch.Generator(device=self.device).manual_seed(seed))
+            x = self.augment(x, self._augment_rng.manual_seed(seed))
         x = x.to(self.dtype)
         if self.device.type == "cuda" and self.config.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..transfer import device_constant, to_device
+
 __all__ = ["PhotometricAugment", "normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,8 +29,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def _normalize_(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    m = device_constant(tuple(mean), x.dtype, x.device).view(1, 3, 1, 1)
+    s = device_constant(tuple(std), x.dtype, x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
 
 
@@ -73,7 +75,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(maxc == r, g - b,
                     torch.where(maxc == g, (b - r).add_(cr, alpha=2.0), (r - g).add_(cr, alpha=4.0)))
     h = h.div_(torch.where(cr == 0, 1.0, cr)).add_(6.0 * _per_sample(shift))
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = device_constant((5.0, 3.0, 1.0), x.dtype, x.device).view(1, 3, 1, 1)
     k = torch.remainder(h + n, 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return torch.sub(maxc, w.mul_(cr), out=x)
@@ -133,6 +135,8 @@ class PhotometricAugment:
     ``__call__(images, generator)`` takes uint8 (B,3,H,W) on any device and returns float32
     normalised images on the same device. All random numbers come from ``generator`` (drawn on its
     device), a fixed number per sample, so the result is reproducible from the generator state.
+    With a CPU generator the parameters, and every decision taken on them (which samples take which
+    op), stay on the host: augmenting a batch on an accelerator never waits for it.
     """
 
     _COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -167,8 +171,8 @@ class PhotometricAugment:
         rank, world = self.block
         u = torch.rand(batch * world, 13, generator=generator, device=generator.device,
                        dtype=torch.float64)[rank * batch:(rank + 1) * batch]
-        lo = torch.tensor([r[0] for r in self.ranges], dtype=u.dtype, device=u.device)
-        hi = torch.tensor([r[1] for r in self.ranges], dtype=u.dtype, device=u.device)
+        lo = device_constant(tuple(r[0] for r in self.ranges), u.dtype, u.device)
+        hi = device_constant(tuple(r[1] for r in self.ranges), u.dtype, u.device)
         sig_lo, sig_hi = self.blur_sigma
         return {
             "jitter": u[:, 0] < self.jitter_p,
@@ -183,12 +187,11 @@ class PhotometricAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected (B,3,H,W) images, got {tuple(images.shape)}")
-        params = {k: v.to(images.device) for k, v in
-                  self.sample_params(images.shape[0], generator).items()}
-        return self.apply(images, params)
+        return self.apply(images, self.sample_params(images.shape[0], generator))
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Augment with given per-sample parameters (as returned by :meth:`sample_params`).
+        """Augment with given per-sample parameters (as returned by :meth:`sample_params`, on the
+        host or on the images' device: the grouping is computed where they are).
 
         On CPU the batch goes through in chunks of :attr:`CPU_CHUNK` images: temporaries of that
         size are recycled by the allocator instead of being page-faulted in afresh (~30% faster).
@@ -205,16 +208,16 @@ class PhotometricAugment:
     def _apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch is first sorted by ColorJitter op order, so each of the (at most 24) orders
         is a contiguous slice that the four ops transform in place; one gather in, one out."""
-        powers = torch.tensor([64, 16, 4, 1], device=params["order"].device)
+        powers = device_constant((64, 16, 4, 1), torch.int64, params["order"].device)
         code = torch.where(params["jitter"], (params["order"] * powers).sum(1), 256)
         code, perm = code.sort(stable=True)
         groups, counts = torch.unique_consecutive(code, return_counts=True)
-        p = {k: v[perm.to(v.device)] for k, v in params.items()}
-        perm = perm.to(images.device)
+        p = {k: v[perm] for k, v in params.items()}   # all drawn on one device
+        perm = to_device(perm, images.device)
         x = images.to(torch.float32, memory_format=torch.contiguous_format).index_select(0, perm)
         if images.dtype == torch.uint8:
             x.div_(255.0)
-        factors = p["factors"].to(device=x.device, dtype=x.dtype)
+        factors = to_device(p["factors"].to(x.dtype), x.device)
         start = 0
         for group, count in zip(groups.tolist(), counts.tolist()):
             if group != 256:
@@ -225,21 +228,23 @@ class PhotometricAugment:
             start += count
         _apply_subset(x, p["gray"], lambda s: _grayscale(s).expand(-1, 3, -1, -1))
         kernel = self.blur_kernel or gaussian_kernel_size(min(x.shape[-2:]))
-        _apply_subset(x, p["blur"], gaussian_blur, p["sigma"].to(x.device, x.dtype), kernel)
+        _apply_subset(x, p["blur"], gaussian_blur, p["sigma"].to(x.dtype), kernel)
         _apply_subset(x, p["solarize"], solarize)
         _normalize_(x, self.mean, self.std)
         return torch.empty_like(x).index_copy_(0, perm, x)
 
 
 def _apply_subset(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> None:
-    """``x[mask] = fn(x[mask], args[0][mask], *args[1:])`` in place (the whole batch if all set)."""
+    """``x[mask] = fn(x[mask], args[0][mask], *args[1:])`` in place (the whole batch if all set);
+    ``mask`` and ``args[0]`` are where the parameters are (the indices are found there)."""
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return
     if idx.numel() == x.shape[0]:
-        out = fn(x, *args)
+        out = fn(x, *((to_device(args[0], x.device), *args[1:]) if args else ()))
         if out.data_ptr() != x.data_ptr():
             x.copy_(out)
         return
-    sub_args = (args[0][idx], *args[1:]) if args else ()
+    sub_args = (to_device(args[0][idx], x.device), *args[1:]) if args else ()
+    idx = to_device(idx, x.device)
     x.index_copy_(0, idx, fn(x.index_select(0, idx), *sub_args))

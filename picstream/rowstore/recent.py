@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from ..transfer import HostCopy, to_device
 from .store import RowStore
 from .transitions import TransitionLog
 
@@ -19,6 +20,12 @@ class RecentRows:
     slots of the least recently visited rows outside the batch, which are written back to the store.
     A resident row is authoritative: the store's copy of it is stale until it is evicted.
 
+    With ``overlap``, the store write of an admission's evicted rows is deferred: their copy to the
+    host starts at once (:class:`HostCopy`) and the write happens at the next admission, before it
+    reads the store (or before anything else reads, commits or restores the store:
+    :meth:`write_pending`). The rows, the store and the transition log are then bit-identical to the
+    synchronous path's; only the time of the store write moves, by at most one admission.
+
     Each rank of a distributed run keeps the same slot table (a function of the global ID stream)
     but holds and updates only the rows of its part of the store (``store.owner``), in a device table
     of its own: ``row_of_slot`` maps a slot to its row there (−1 where another rank holds it). That
@@ -27,8 +34,10 @@ class RecentRows:
 
     def __init__(self, store: RowStore, log: TransitionLog, capacity: int, device="cpu",
                  dtype: torch.dtype = torch.float32, correction: str = "exact",
-                 compact_min_steps: int = 1024):
+                 compact_min_steps: int = 1024, overlap: bool = False):
         self.store, self.log, self.capacity = store, log, int(capacity)
+        self.overlap = overlap
+        self._pending: tuple | None = None  # (ids, HostCopy w, HostCopy u, step) not yet in the store
         self.device, self.dtype, self.correction = torch.device(device), dtype, correction
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         if self._np_dtype != store.dtype:
@@ -67,6 +76,7 @@ class RecentRows:
         """The device-table rows (LongTensor) of ``ids``, −1 for rows another rank holds; fetches and
         evicts rows as needed."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.write_pending()
         uniq, inverse = np.unique(ids, return_inverse=True)
         if uniq.size > self.capacity:
             raise ValueError(f"batch has {uniq.size} distinct ids, more than the {self.capacity} slots")
@@ -79,7 +89,7 @@ class RecentRows:
         np.maximum.at(last_pos, inverse.reshape(-1), np.arange(ids.size))
         self.last_visit[slots] = self._clock + last_pos
         self._clock += ids.size
-        return torch.from_numpy(self.row_of_slot[slots[inverse.reshape(-1)]]).to(self.device)
+        return to_device(torch.from_numpy(self.row_of_slot[slots[inverse.reshape(-1)]]), self.device)
 
     def _fill(self, new_ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Place ``new_ids`` into the least recently visited slots not in ``keep``; returns the slots."""
@@ -103,10 +113,14 @@ class RecentRows:
             del self._slot_of[i]
         evict = rows >= 0
         if evict.any():
-            idx = torch.from_numpy(rows[evict]).to(self.device)
-            w = self.weight.index_select(0, idx).cpu().numpy()
-            u = self.momentum.index_select(0, idx).cpu().numpy()
-            self._write_back(old[evict], w, u)
+            idx = to_device(torch.from_numpy(rows[evict]), self.device)
+            ids, step = old[evict], self.log.num_steps
+            w, u = (HostCopy(t.index_select(0, idx)) for t in (self.weight, self.momentum))
+            if step > 0:  # stored from now on: the log keeps their step until they are re-admitted
+                self._stored_at[step] += int(ids.size)
+            self._pending = (ids, w, u, step)
+            if not self.overlap:
+                self.write_pending()
             self.valid.index_fill_(0, idx, False)
             self.slot_of_row[rows[evict]] = -1
 
@@ -127,9 +141,9 @@ class RecentRows:
             self._allocate(min(self.capacity, max(2 * size, size - free_rows.size + ids.size)))
             free_rows = np.flatnonzero(self.slot_of_row < 0)
         rows = free_rows[:ids.size]
-        idx = torch.from_numpy(rows).to(self.device)
-        self.weight.index_copy_(0, idx, torch.from_numpy(w).to(self.device, non_blocking=True))
-        self.momentum.index_copy_(0, idx, torch.from_numpy(u).to(self.device, non_blocking=True))
+        idx = to_device(torch.from_numpy(rows), self.device)
+        self.weight.index_copy_(0, idx, to_device(torch.from_numpy(w), self.device))
+        self.momentum.index_copy_(0, idx, to_device(torch.from_numpy(u), self.device))
         self.valid.index_fill_(0, idx, True)
         self.slot_of_row[rows] = slots
         self.row_of_slot[slots] = rows
@@ -144,11 +158,12 @@ class RecentRows:
         self.log.append(lr)
         self._compact_log()
 
-    def _write_back(self, ids: np.ndarray, w: np.ndarray, u: np.ndarray) -> None:
-        """Write rows back to the store, valid at the current step."""
-        self.store.write(ids, w, u, self.log.num_steps)
-        if self.log.num_steps > 0:
-            self._stored_at[self.log.num_steps] += int(ids.size)
+    def write_pending(self) -> None:
+        """Write the last admission's evicted rows to the store, if not yet written."""
+        if self._pending is not None:
+            ids, w, u, step = self._pending
+            self._pending = None
+            self.store.write(ids, w.result().numpy(), u.result().numpy(), step)
 
     def _compact_log(self) -> None:
         """Fold the log's steps before the oldest stored row's last step once there are at least
@@ -162,6 +177,7 @@ class RecentRows:
         """Current ``(w, u)`` of rows this process holds or the store has (not of rows resident on
         another rank), without changing residency or the store."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.write_pending()
         slots = np.fromiter((self._slot_of.get(i, -1) for i in ids.tolist()), np.int64, ids.size)
         rows = np.where(slots >= 0, self.row_of_slot[slots], -1)
         if np.any((slots >= 0) & (rows < 0)):
@@ -177,6 +193,7 @@ class RecentRows:
     def load_parts(self, states: list[dict]) -> None:
         """Take over this process's rows from the states of a run with ``len(states)`` ranks (or 1):
         the same slot table, its rows re-partitioned by this store part's ownership."""
+        self.write_pending()
         first = states[0]
         slot_ids = first["slot_ids"].numpy().astype(np.int64)
         held = slot_ids >= 0
@@ -211,6 +228,7 @@ class RecentRows:
                 "stored_counts": torch.tensor([self._stored_at[s] for s in live], dtype=torch.int64)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.write_pending()
         self.slot_ids = state["slot_ids"].numpy().astype(np.int64).copy()
         self.last_visit = state["last_visit"].numpy().astype(np.int64).copy()
         if "row_of_slot" in state:
