@@ -41,6 +41,7 @@ from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms 
 from picstream.scheduler import SlidingWindowScheduler  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
 from picstream.shards.format import manifest_bytes  # noqa: E402
+from picstream.shards.hygiene import Hygiene  # noqa: E402
 
 BATCH = 64
 
@@ -48,7 +49,7 @@ BATCH = 64
 def prepare(data: Path, work: Path, copies: int, shard_size: int, *, workers: int = 2,
             limit: int | None = None) -> tuple[Path, Path]:
     """Extract the sample photos, repeat (the first `limit` of) them `copies` times (symlinks) and
-    shard them with `workers` processes."""
+    shard them with `workers` processes, every copy kept (`--dedup none`: the repetition is the design)."""
     with tarfile.open(data / "imagenet-sample-1000.tar") as tar:
         tar.extractall(work, filter="data")
     photos = sorted((work / "imagenet-sample-1000").iterdir())[:limit]
@@ -59,7 +60,7 @@ def prepare(data: Path, work: Path, copies: int, shard_size: int, *, workers: in
             (corpus / f"{c}_{f.name}").symlink_to(f)
     shards = work / "shards"
     make_shards(corpus.parent, shards, shard_size=shard_size, seed=0, labels=False, progress=False,
-                workers=workers)
+                workers=workers, hygiene=Hygiene("none"))
     return corpus.parent, shards
 
 
