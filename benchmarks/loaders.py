@@ -35,7 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +325,7 @@ def print_report(results: dict[str, dict], missing: dict[str, str], workers: int
     peers = [n for n in results if n != "picstream"]
     print("RESULT: picstream WindowLoader img/s " + (", ".join(
         f"{ours['img_s'] / results[n]['img_s']:.2f}x {n}" for n in peers) or "(no peer installed)")
-        + f"; per core " + ", ".join(f"{ours['img_s_core'] / results[n]['img_s_core']:.2f}x {n}" for n in peers)
+        + "; per core " + ", ".join(f"{ours['img_s_core'] / results[n]['img_s_core']:.2f}x {n}" for n in peers)
         + f" (decode + RRC 224 + flip, uint8 batches of {BATCH}, {workers} workers)")
 
 
