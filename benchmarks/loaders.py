@@ -3,7 +3,8 @@
 The ImageNet sample photos repeated to 8,000 JPEGs (1,000 with --quick; every copy packed: repetition is
 the design, so make_shards runs with `--dedup none`), each loader packing them with its own writer:
 
-  picstream  make_shards → WindowLoader (sliding-window order)
+  picstream  make_shards → WindowLoader (sliding-window order); picstream-roi: the same with decoder="roi"
+             (only each crop's window decoded, through nvImageCodec's CPU back end)
   litdata    `optimize` → StreamingDataset + StreamingDataLoader (JPEG serializer: the file's bytes)
   mosaic     MDSWriter ('jpeg' column: the file's bytes) → StreamingDataset + StreamingDataLoader
   webdataset ShardWriter → WebDataset pipeline (shard shuffle, sample shuffle buffer, batched in the
@@ -47,7 +48,8 @@ from picstream.shards import ShardSet  # noqa: E402
 SIZE, SCALE = 224, (0.2, 1.0)
 GPU_RATES = (3000, 7000)
 # loader -> (module that must import, distribution whose version is reported)
-LOADERS = {"picstream": ("picstream", "picstream"), "litdata": ("litdata", "litdata"),
+LOADERS = {"picstream": ("picstream", "picstream"),
+           "picstream-roi": ("nvidia.nvimgcodec", "nvidia-nvimgcodec-cu13"), "litdata": ("litdata", "litdata"),
            "mosaic": ("streaming", "mosaicml-streaming"), "webdataset": ("webdataset", "webdataset"),
            "ffcv": ("ffcv", "ffcv"), "dali": ("nvidia.dali", "nvidia-dali-cuda130")}
 
@@ -107,10 +109,15 @@ WRITERS = {"litdata": pack_litdata, "mosaic": pack_mosaic, "webdataset": pack_we
 
 # ---- loaders: batches(work, workers, steps) yields uint8 image batches ---------------------------------
 
-def batches_picstream(work: Path, workers: int, steps: int):
-    with window_loader(ShardSet.open(work / "picstream"), steps, workers) as loader:
+def batches_picstream(work: Path, workers: int, steps: int, decoder: str = "auto"):
+    with window_loader(ShardSet.open(work / "picstream"), steps, workers, decoder=decoder) as loader:
         for b in loader:
             yield b.images
+
+
+def batches_picstream_roi(work: Path, workers: int, steps: int):
+    """The same loader decoding only each crop's window (decoder="roi", nvImageCodec's CPU back end)."""
+    return batches_picstream(work, workers, steps, decoder="roi")
 
 
 def batches_litdata(work: Path, workers: int, steps: int):
@@ -175,7 +182,8 @@ def batches_dali(work: Path, workers: int, steps: int):
         yield images.as_array()
 
 
-LOAD = {"picstream": batches_picstream, "litdata": batches_litdata, "mosaic": batches_mosaic,
+LOAD = {"picstream": batches_picstream, "picstream-roi": batches_picstream_roi, "litdata": batches_litdata,
+        "mosaic": batches_mosaic,
         "webdataset": batches_webdataset, "ffcv": batches_ffcv, "dali": batches_dali}
 
 
@@ -314,15 +322,15 @@ def run(args) -> tuple[dict[str, dict], dict[str, str]]:
 
 def print_report(results: dict[str, dict], missing: dict[str, str], workers: int) -> None:
     ours = results["picstream"]
-    print(f"{'loader':<11} {'version':>8} {'img/s':>7} {'img/s/core':>10} {'first s':>7} {'PSS MB':>7} "
+    print(f"{'loader':<13} {'version':>8} {'img/s':>7} {'img/s/core':>10} {'first s':>7} {'PSS MB':>7} "
           + " ".join(f"{f'cores@{g}':>10}" for g in GPU_RATES) + f" {'ours/peer':>9} {'per core':>8}")
     for name, r in results.items():
-        print(f"{name:<11} {r['version']:>8} {r['img_s']:>7.0f} {r['img_s_core']:>10.0f} {r['first_batch_s']:>7.2f} "
+        print(f"{name:<13} {r['version']:>8} {r['img_s']:>7.0f} {r['img_s_core']:>10.0f} {r['first_batch_s']:>7.2f} "
               f"{r['peak_pss_mb']:>7.0f} " + " ".join(f"{g / r['img_s_core']:>10.1f}" for g in GPU_RATES)
               + f" {ours['img_s'] / r['img_s']:>9.2f} {ours['img_s_core'] / r['img_s_core']:>8.2f}")
     for name, why in missing.items():
         print(f"({name} skipped: {why})")
-    peers = [n for n in results if n != "picstream"]
+    peers = [n for n in results if not n.startswith("picstream")]
     print("RESULT: picstream WindowLoader img/s " + (", ".join(
         f"{ours['img_s'] / results[n]['img_s']:.2f}x {n}" for n in peers) or "(no peer installed)")
         + "; per core " + ", ".join(f"{ours['img_s_core'] / results[n]['img_s_core']:.2f}x {n}" for n in peers)

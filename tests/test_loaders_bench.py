@@ -28,8 +28,8 @@ def test_quick_run_delivers_every_loaders_batches(tmp_path):
     out = json.loads(report.read_text())
     if os.environ.get("CI"):
         assert out["missing"] == {}
-    assert set(out["results"]) | set(out["missing"]) == {"picstream", "litdata", "mosaic", "webdataset",
-                                                          "ffcv", "dali"}
+    assert set(out["results"]) | set(out["missing"]) == {"picstream", "picstream-roi", "litdata", "mosaic",
+                                                          "webdataset", "ffcv", "dali"}
     for name, r in out["results"].items():
         assert r["batches"] == r["expected_batches"] == 5, name   # the first batch + 256 timed images
         assert len(r["shapes"]) == 1 and r["shapes"][0] in SHAPES, (name, r["shapes"])
