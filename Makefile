@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
 FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: install demo test bench gpu-check ffcv parquet cluster s3 clean
+.PHONY: install demo test bench gpu-check ffcv loaders parquet cluster s3 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ ffcv: $(STAMP)
 		exit 2; \
 	fi
 	$(VENV)/bin/pip install --quiet -e ".[dev,ffcv]"
+
+# Optional: benchmarks/loaders.py's peers (`.[loaders]`, FFCV through `make ffcv`). Mosaic Streaming and DALI
+# pin numpy / packaging below this environment's, so they go in without their pins (--no-deps); the extra
+# holds their runtime dependencies.
+LOADERS_NODEPS := mosaicml-streaming==0.13.0 nvidia-dali-cuda130==2.4.0
+loaders: ffcv
+	$(VENV)/bin/pip install --quiet -e ".[dev,loaders]"
+	$(VENV)/bin/pip install --quiet --no-deps $(LOADERS_NODEPS)
 
 # Optional: parquet and Hugging Face `datasets` sources for make_shards (`.[parquet]`).
 parquet: $(STAMP)

@@ -17,6 +17,7 @@ Rows (ImageNet sample photos repeated to >= 8k images, 1k with --quick, packed b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -41,6 +42,7 @@ from picstream.loader.geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms 
 from picstream.scheduler import SlidingWindowScheduler  # noqa: E402
 from picstream.shards import ShardSet, make_shards  # noqa: E402
 from picstream.shards.format import manifest_bytes  # noqa: E402
+from picstream.shards.hygiene import Hygiene  # noqa: E402
 
 BATCH = 64
 
@@ -48,7 +50,7 @@ BATCH = 64
 def prepare(data: Path, work: Path, copies: int, shard_size: int, *, workers: int = 2,
             limit: int | None = None) -> tuple[Path, Path]:
     """Extract the sample photos, repeat (the first `limit` of) them `copies` times (symlinks) and
-    shard them with `workers` processes."""
+    shard them with `workers` processes, every copy kept (`--dedup none`: the repetition is the design)."""
     with tarfile.open(data / "imagenet-sample-1000.tar") as tar:
         tar.extractall(work, filter="data")
     photos = sorted((work / "imagenet-sample-1000").iterdir())[:limit]
@@ -59,7 +61,7 @@ def prepare(data: Path, work: Path, copies: int, shard_size: int, *, workers: in
             (corpus / f"{c}_{f.name}").symlink_to(f)
     shards = work / "shards"
     make_shards(corpus.parent, shards, shard_size=shard_size, seed=0, labels=False, progress=False,
-                workers=workers)
+                workers=workers, hygiene=Hygiene("none"))
     return corpus.parent, shards
 
 
@@ -130,16 +132,19 @@ def decoder_candidates() -> dict:
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB)
     pil = "pillow-simd" if "post" in PIL.__version__ else "Pillow"
-    out = {name: (lambda d, n=name: decode(d, n)) for name in DECODERS if name not in ("auto", "pil")}
+    out = {name: (lambda d, n=name: decode(d, n)) for name in DECODERS if name not in ("auto", "pil", "roi")}
     return {**out, f"{pil} {PIL.__version__}": lambda d: decode(d, "pil"), "torchvision.io": torchvision_io}
 
 
-def row_decode(ss, count: int, rounds: int) -> tuple[float, dict[str, float]]:
-    """decode + RRC(224) + flip with the default decoder, and each full decoder alone (one core)."""
+def row_decode(ss, count: int, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """decode + RRC(224) + flip with the default decoder and, when nvImageCodec is installed, with the
+    region-of-interest decoder ("roi"); and each full decoder alone (one core)."""
     datas = [ss.read(i) for i in range(min(count, len(ss)))]
     u = sample_uniforms(0, np.arange(len(datas)), DRAWS_PER_CROP)
     spec, out = [CropSpec(224)], [torch.empty(224, 224, 3, dtype=torch.uint8)]
-    fns = {"crop": lambda d, i: decode_crops(d, [u[i]], spec, out, "auto")}
+    croppers = ("auto", "roi") if importlib.util.find_spec("nvidia") and \
+        importlib.util.find_spec("nvidia.nvimgcodec") else ("auto",)
+    fns = {f"crop {c}": (lambda d, i, c=c: decode_crops(d, [u[i]], spec, out, c)) for c in croppers}
     fns.update({name: (lambda d, i, f=f: f(d)) for name, f in decoder_candidates().items()})
     best = dict.fromkeys(fns, 0.0)
     for _ in range(rounds):   # interleaved, best of each: the machine is shared
@@ -148,7 +153,7 @@ def row_decode(ss, count: int, rounds: int) -> tuple[float, dict[str, float]]:
             for i, d in enumerate(datas):
                 fn(d, i)
             best[name] = max(best[name], len(datas) / (time.perf_counter() - t0))
-    return best.pop("crop"), best
+    return {c: best.pop(f"crop {c}") for c in croppers}, best
 
 
 def row_kornia(rounds: int, batch: int = 32) -> tuple[float, float] | None:
@@ -202,8 +207,6 @@ def ffcv_child(shards: str, steps: int, workers: int) -> None:
 def row_ffcv(corpus: Path, shards: Path, ss, count: int, workers: int, rounds: int) -> dict | None:
     """decode + RRC(224) + flip, uint8, same images and cores: FFCV's Loader on a .beton of the same JPEG
     bytes (BetonLoader, `workers` threads) vs WindowLoader vs ImageFolder + RandomResizedCrop + flip."""
-    import importlib.util
-
     import torchvision.transforms.v2 as T
     if importlib.util.find_spec("ffcv") is None:
         return None
@@ -338,10 +341,11 @@ def main() -> None:
                          f"{ours:.1f}", f"{base:.1f}", ours / base))
             rows.append(("img/s CPU part when photometric runs on a GPU vs ImageFolder",
                          f"{cpu_part:.1f}", f"{base:.1f}", cpu_part / base))
-        crop, decoders = row_decode(ss, count // 2, args.rounds + 1)
+        crops, decoders = row_decode(ss, count // 2, args.rounds + 1)
         full = decoders[DEFAULT_FULL]
-        rows.append((f"img/s decode+RRC+flip vs decode only ({DEFAULT_FULL}; 1 core)",
-                     f"{crop:.0f}", f"{full:.0f}", crop / full))
+        for name, crop in crops.items():
+            rows.append((f"img/s decode+RRC+flip ({name}) vs decode only ({DEFAULT_FULL}; 1 core)",
+                         f"{crop:.0f}", f"{full:.0f}", crop / full))
         for name, rate in decoders.items():
             rows.append((f"img/s decode only (1 core): {name} vs torchvision.io", f"{rate:.0f}",
                          f"{decoders['torchvision.io']:.0f}", rate / decoders["torchvision.io"]))

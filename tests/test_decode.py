@@ -1,4 +1,5 @@
-"""The JPEG decoders agree pixel for pixel; `auto` falls back to Pillow; nothing uses a deprecated API."""
+"""The JPEG decoders agree pixel for pixel; `auto` falls back to Pillow; region-of-interest decode (`roi`) cuts
+the full decode's crops; nothing uses a deprecated API."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from picstream.loader.decode import DECODERS, DEFAULT_FULL, decode
+from conftest import require
+from picstream.loader.stream import crop_specs
+from picstream.loader.decode import DECODERS, DEFAULT_FULL, check_decoder, decode, decode_crops
+from picstream.loader.geometry import DRAWS_PER_CROP, sample_uniforms
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +48,46 @@ def test_auto_falls_back_to_pillow_for_other_formats():
         decode(png.getvalue(), "torchcodec")
     with pytest.raises(ValueError, match="decoder must be one of"):
         decode(png.getvalue(), "torchvision")
+
+
+def crops(data: bytes, u: np.ndarray, specs, decoder: str) -> list[torch.Tensor]:
+    outs = [torch.empty(s.size, s.size, 3, dtype=torch.uint8) for s in specs]
+    decode_crops(data, u, specs, outs, decoder)
+    return outs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multi_crop", [None, [(96, 3)]], ids=["one crop", "1x224 + 3x96"])
+def test_roi_crops_equal_the_full_decode_crops(imagenet_sample_dir, multi_crop):
+    """Tolerance 0: on every photo of the ImageNet sample (977 RGB and 23 grayscale baseline JPEGs) the crops
+    cut from the decoded window (the union of the sample's crop boxes) are the full decode's, pixel for pixel."""
+    require("nvidia.nvimgcodec")
+    files = sorted(imagenet_sample_dir.iterdir())
+    specs = crop_specs(224, multi_crop=multi_crop)
+    u = sample_uniforms(0, np.arange(len(files)), DRAWS_PER_CROP * len(specs))
+    for f, row in zip(files, u.reshape(len(files), len(specs), DRAWS_PER_CROP)):
+        data = f.read_bytes()
+        for roi, full in zip(crops(data, row, specs, "roi"), crops(data, row, specs, "simplejpeg")):
+            assert torch.equal(roi, full), f.name
+
+
+def test_roi_decodes_what_is_not_a_jpeg_in_full():
+    require("nvidia.nvimgcodec")
+    img = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    specs = crop_specs(16)
+    row = sample_uniforms(0, np.arange(1), DRAWS_PER_CROP).reshape(1, DRAWS_PER_CROP)
+    assert torch.equal(crops(png.getvalue(), row, specs, "roi")[0], crops(png.getvalue(), row, specs, "auto")[0])
+
+
+def test_check_decoder_says_what_roi_needs():
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        check_decoder("torchvision")
+    try:
+        import nvidia.nvimgcodec  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs nvImageCodec"):
+            check_decoder("roi")
+    else:
+        check_decoder("roi")

@@ -6,13 +6,18 @@ Full decoders (all libjpeg-turbo, compared on the same JPEGs in benchmarks/loade
 deprecated image decoding, bit-identical to it) and ``"pil"`` (Pillow; pillow-simd when installed, it
 is a drop-in PIL). ``"auto"``: Pillow with ``draft`` (JPEG DCT-domain downscaling) when every crop of
 the sample is at least twice its output size, otherwise the fastest installed full decoder
-(``DEFAULT_FULL``), falling back to Pillow for anything it cannot read. Crops are resized with torch's
-antialiased bilinear kernel on uint8, which is several times faster than ``PIL.Image.resize`` on CPU
-(see benchmarks/README.md).
+(``DEFAULT_FULL``), falling back to Pillow for anything it cannot read. ``"roi"``: region-of-interest
+decode of each sample's crops (the rows and columns of the union of its crop boxes only), through
+nvImageCodec's libjpeg-turbo CPU back end (optional: the ``loaders`` extra); its crops equal the full
+decoders' exactly on the ImageNet sample (tests/test_decode.py); anything else it decodes like
+``"auto"``'s full decoders. Crops are resized with torch's antialiased bilinear kernel on uint8, which is
+several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
 """
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +36,7 @@ try:
 except (ImportError, OSError, RuntimeError):  # optional; its native library must match torch
     torchcodec_decode_jpeg = None
 
-__all__ = ["DECODERS", "DEFAULT_FULL", "decode", "decode_crops", "decode_center"]
+__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "decode", "decode_crops", "decode_center"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -80,13 +85,56 @@ def _torchcodec(data: bytes) -> torch.Tensor:
 _FULL = {"simplejpeg": _simplejpeg if simplejpeg is not None else None,
          "torchcodec": _torchcodec if torchcodec_decode_jpeg is not None else None}
 DEFAULT_FULL = next((name for name, fn in _FULL.items() if fn is not None), "pil")
-DECODERS = ("auto", "pil", *_FULL)
+DECODERS = ("auto", "pil", *_FULL, "roi")
+_ROI_DECODER: dict[int, tuple] = {}   # pid -> (nvimgcodec module, Decoder, DecodeParams): one per process
+
+
+def check_decoder(decoder: str) -> None:
+    """Raise ValueError for a decoder name that is unknown or whose library is not installed."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    if decoder == "roi":
+        try:
+            installed = importlib.util.find_spec("nvidia.nvimgcodec") is not None
+        except ModuleNotFoundError:   # no `nvidia` namespace at all
+            installed = False
+        if not installed:
+            raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
+
+
+def _roi_decoder() -> tuple:
+    """This process's nvImageCodec CPU decoder (made after a fork, never inherited through one)."""
+    pid = os.getpid()
+    if pid not in _ROI_DECODER:
+        from nvidia import nvimgcodec
+        decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
+                                     options=":fancy_upsampling=1")   # as simplejpeg / TorchCodec upsample
+        # no EXIF rotation: the full decoders do not apply it either
+        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB)
+        _ROI_DECODER.clear()
+        _ROI_DECODER[pid] = (nvimgcodec, decoder, params)
+    return _ROI_DECODER[pid]
+
+
+def _decode_region(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor | None:
+    """Rows ``[top, top+height)`` × columns ``[left, left+width)`` of a JPEG as uint8 ``(height, width, 3)``,
+    decoding only that window; None when nvImageCodec cannot decode it."""
+    nvimgcodec, decoder, params = _roi_decoder()
+    region = nvimgcodec.Region(top, left, top + height, left + width)
+    image = decoder.decode(nvimgcodec.CodeStream(data).get_sub_code_stream(region=region), params=params)
+    if image is None:
+        return None
+    x = torch.from_numpy(np.asarray(image.cpu()))
+    return x if tuple(x.shape) == (height, width, 3) else None
 
 
 def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
-    """Decode to uint8 ``(H, W, 3)``; ``"auto"`` uses ``DEFAULT_FULL`` and Pillow when it fails."""
+    """Decode to uint8 ``(H, W, 3)``; ``"auto"`` (and ``"roi"``, for a whole image) uses ``DEFAULT_FULL``
+    and Pillow when it fails."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    decoder = "auto" if decoder == "roi" else decoder
     name = DEFAULT_FULL if decoder == "auto" else decoder
     if name != "pil":
         if _FULL[name] is None:
@@ -133,10 +181,22 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
             y = _pil_to_hwc(img.resize((spec.size, spec.size), Image.BILINEAR, box=box))
             out.copy_(y.flip(1) if flip else y)
         return
-    img = decode(data, decoder)
+    img, top0, left0 = _crop_source(data, boxes, size is not None, decoder)
     for (top, left, h, w, flip), spec, out in zip(boxes, specs, outs):
-        y = _resize(img[top:top + h, left:left + w], (spec.size, spec.size))
+        y = _resize(img[top - top0:top - top0 + h, left - left0:left - left0 + w], (spec.size, spec.size))
         out.copy_(y.flip(1) if flip else y)
+
+
+def _crop_source(data: bytes, boxes, is_jpeg: bool, decoder: str) -> tuple[torch.Tensor, int, int]:
+    """The pixels the crop boxes are cut from and their top-left corner in the image: with ``"roi"`` (a
+    JPEG) only the union of the boxes, otherwise the whole image."""
+    if decoder == "roi" and is_jpeg:
+        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        img = _decode_region(data, top, left, max(b[0] + b[2] for b in boxes) - top,
+                             max(b[1] + b[3] for b in boxes) - left)
+        if img is not None:
+            return img, top, left
+    return decode(data, decoder), 0, 0
 
 
 def decode_center(data: bytes, size: int, resize: int | None, out: torch.Tensor,

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
 from ..shards.format import MissingShard, ShardsError
 from .cache import ShardReader, is_local
-from .decode import DECODERS, decode_crops
+from .decode import check_decoder, decode_crops
 from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
 
 __all__ = ["Batch", "BrokenShardSet", "WindowLoader", "ON_MISSING", "SMALL_CROP_SCALE", "UnreadableStream",
@@ -280,8 +280,7 @@ class WindowLoader:
             raise ValueError(f"scheduler has {scheduler.num_instances} IDs, shards {len(shardset)}")
         if batch_size < 1 or not 0 <= rank < world_size or start_step < 0:
             raise ValueError("need batch_size >= 1, 0 <= rank < world_size, start_step >= 0")
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}")
+        check_decoder(decoder)
         if on_missing not in ON_MISSING:
             raise ValueError(f"on_missing must be one of {ON_MISSING}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
