@@ -1,10 +1,17 @@
 """GPU check: the CUDA training path measured end to end, in one command, within a time budget.
 
-  1. environment: device, memory, torch / CUDA / cuDNN versions, CPU cores;
+  1. environment: device, memory, torch / CUDA / cuDNN versions, CPU cores; then, before anything
+     is timed, the overlap check: the same steps (50; ResNet-50, batch 256, K = 4 batches so every
+     step evicts) with ``classifier.overlap`` off and on from the same start, in deterministic
+     mode, must give bit-identical losses, resident rows, transition log and stored rows (when
+     they differ, off runs again: is the device itself not repeating?). Its verdict is in the
+     table; unless it is ``identical``, the overlap rows of section 2 are marked invalid and
+     sections 3-5 train with ``classifier.overlap = off``;
   2. model ceiling: ResNet-50, 224 px, bf16 autocast + channels_last, batch 256, synthetic uint8
      images already on the device: img/s of (a) backbone + head only, (b) + the recent-K classifier
-     (N = 1.28M, K = 65536, rows paged from a row store on local disk), (c) + the full-N classifier;
-     then ViT-S/16 (timm, ``configs/in1k-vit-s16.yaml``: AdamW) (d) backbone + head only, (e) + recent-K;
+     (N = 1.28M, K = 65536, rows paged from a row store on local disk) with overlap on and (b') off,
+     (c) + the full-N classifier; then ViT-S/16 (timm, ``configs/in1k-vit-s16.yaml``: AdamW)
+     (d) backbone + head only, (e) + recent-K;
   3. device memory vs N with the recent-K classifier (N = 1e5 … 1e9, real row stores on local disk):
      ``max_memory_allocated`` per N; the full-N classifier at 1.28M and 7.47M rows (or the OOM);
   4. real data: the ImageNet sample, repeated, through the WindowLoader with every CPU core and the
@@ -14,8 +21,9 @@
 
 Every step is ``picstream.train.Trainer.train_step`` on a Trainer built from ``configs/in1k.yaml``
 or ``configs/cifar10.yaml``. Each section is guarded: a failure or an overrun is reported in the
-table and the next section runs. The clock is checked before each section and each measurement;
-section 5 is sized from what is left. ``--smoke`` runs every section at toy sizes on CPU.
+table and the next section runs (section 1 always runs: its overlap check comes before any
+timing). The clock is checked before each section and each measurement; section 5 is sized from
+what is left. ``--smoke`` runs every section at toy sizes on CPU.
 
     python benchmarks/gpu_check.py --out DIR [--budget-s 480] [--smoke] [--sections 2,3]
 """
@@ -38,8 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-import torch.nn.functional as F
+# deterministic cuBLAS for the overlap check (read when the first cuBLAS handle is made)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -84,6 +96,8 @@ class Sizes:
     cifar_overrides: tuple[str, ...]  # section 5: on top of configs/cifar10.yaml
     calib_steps: int                  # section 5: steps timed to size the schedule
     train_cap_s: Optional[float]      # section 5: training time cap (None: what is left)
+    verify_steps: int                 # section 1's overlap check: steps, each run
+    verify_batches: int               # ... its N in batches (K = 4 batches, window = 8 batches)
 
 
 FULL = Sizes(arch="resnet50", vit_arch="timm/vit_small_patch16_224", image=224, batch=256, head_hidden=2048, feature_dim=128,
@@ -92,7 +106,8 @@ FULL = Sizes(arch="resnet50", vit_arch="timm/vit_small_patch16_224", image=224, 
              memory_rows=(100_000, 1_281_167, 7_469_000, 100_000_000, 1_000_000_000),
              full_rows=(1_281_167, 7_469_000), memory_steps=5,
              inet_copies=8, inet_limit=None, shard_size=1024, loader_steps=150,
-             cifar_per_class=None, cifar_overrides=(), calib_steps=40, train_cap_s=None)
+             cifar_per_class=None, cifar_overrides=(), calib_steps=40, train_cap_s=None,
+             verify_steps=50, verify_batches=16)
 SMOKE = Sizes(arch="resnet18", vit_arch="timm/test_vit", image=32, batch=16, head_hidden=64, feature_dim=16,
               recent_k=64, window=128, stride=32, chunk_rows=32, ceiling_rows=1000,
               warm_steps=1, timed_steps=2,
@@ -101,8 +116,9 @@ SMOKE = Sizes(arch="resnet18", vit_arch="timm/test_vit", image=32, batch=16, hea
               cifar_per_class=(8, 4), calib_steps=1,
               cifar_overrides=("optim.batch_size=16", "data.image_size=16", "model.head_hidden=64",
                                "classifier.recent_k=64", "classifier.chunk_rows=32",
-                               "schedule.window=128", "schedule.stride=32"), train_cap_s=3.0)
-SHARE = {2: 0.2, 3: 0.3, 4: 0.15}   # fraction of the budget a section may use; 5 gets the rest
+                               "schedule.window=128", "schedule.stride=32"), train_cap_s=3.0,
+              verify_steps=6, verify_batches=16)
+SHARE = {1: 0.1, 2: 0.25, 3: 0.25, 4: 0.15}   # fraction of the budget a section may use; 5 gets the rest
 MIN_SECONDS = {1: 0, 2: 30, 3: 30, 4: 30, 5: 60}   # below this much left, a section is skipped
 
 
@@ -163,6 +179,11 @@ class Check:
         self.end = self.start + args.budget_s
         self.deadline = self.end
         self.sections: list[Section] = []
+        self.overlap_verdict = "not run"   # section 1's overlap check: "identical" lets overlap be timed
+
+    @property
+    def overlap_verified(self) -> bool:
+        return self.overlap_verdict == "identical"
 
     def left(self) -> float:
         """Seconds until the current section's deadline."""
@@ -173,7 +194,7 @@ class Check:
         return load_config(REPO / "configs" / base, [
             f"run.output_dir={out}", f"run.device={self.device.type}",
             f"classifier.store={out / 'rows.zarr'}", "train.checkpoint_every=1000000000",
-            *overrides])
+            *([] if self.overlap_verified else ["classifier.overlap=off"]), *overrides])
 
     def model_overrides(self, batch: int, arch: Optional[str] = None) -> list[str]:
         s = self.sizes
@@ -185,13 +206,13 @@ class Check:
 
     @contextlib.contextmanager
     def synthetic_trainer(self, num_rows: int, sampling: str, base: str = "in1k.yaml",
-                          arch: Optional[str] = None):
+                          arch: Optional[str] = None, extra: tuple[str, ...] = ()):
         """A trainer (ResNet, or ``arch`` from config ``base``) over ``num_rows`` instances without
-        shards; its row store is local."""
+        shards, with ``extra`` overrides last; its row store is local."""
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
             config = self.config(base, Path(tmp), "data.train=(synthetic)", "data.workers=0",
                                  f"classifier.sampling={sampling}",
-                                 *self.model_overrides(self.sizes.batch, arch))
+                                 *self.model_overrides(self.sizes.batch, arch), *extra)
             trainer = Trainer(config, resume="none", show_progress=False, num_instances=num_rows)
             try:
                 yield trainer
@@ -255,6 +276,81 @@ def environment(check: Check, sec: Section) -> None:
         info["GPU"] = "none (CPU only)"
     sec.rows = [[k, v] for k, v in info.items()]
     sec.summary = info
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """cuDNN's and torch's deterministic kernels while the block runs (a kernel without one
+    warns): the overlap check compares two runs bit for bit, which atomics or autotuning would break."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.benchmark, cudnn.deterministic = False, True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+def overlap_run(check: Check, overlap: str) -> dict:
+    """Section 1's steps with ``classifier.overlap = overlap``: the losses, the resident rows, the
+    transition log and every stored row after a commit."""
+    s, batch = check.sizes, check.sizes.batch
+    extra = (f"classifier.overlap={overlap}", f"classifier.recent_k={4 * batch}",
+             f"schedule.window={8 * batch}", f"schedule.stride={batch}")
+    with check.synthetic_trainer(s.verify_batches * batch, "recent", extra=extra) as tr:
+        images = synthetic_images(tr)
+        with deterministic_kernels():
+            losses = []
+            for step in range(s.verify_steps):
+                ids = torch.from_numpy(tr.scheduler.ids_at(step * batch, (step + 1) * batch))
+                tr.prefetch_rows(step)
+                losses.append(tr.train_step(step, images, ids)["loss"])
+            state = tr.classifier.commit_state()
+        return {"losses": torch.stack(losses).float().cpu(), "rows": state["rows"], "log": state["log"],
+                "stored": tr.classifier.store.read(np.arange(tr.num_instances))}
+
+
+def same(a, b) -> bool:
+    """Bit-identical: tensors, arrays, and dicts / tuples of them (NaN equals NaN)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return (a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(*(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b))))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return a == b
+
+
+def overlap_check(check: Check, sec: Section) -> None:
+    """The environment, then overlap off and on from the same start: the verdict gates the overlap
+    measurements of the sections after it."""
+    environment(check, sec)
+    s = check.sizes
+    check.overlap_verdict = "failed to run"
+    t0 = time.perf_counter()
+    off, on = overlap_run(check, "off"), overlap_run(check, "on")
+    differs = [part for part in off if not same(off[part], on[part])]
+    written = int((off["stored"][2] > 0).sum())   # rows whose stored step says they went through the store
+    check.overlap_verdict = ("identical" if not differs and written else
+                             f"differs: {', '.join(differs)}" if differs else "vacuous: no row was written back")
+    if differs:   # tell a broken overlap from a device that does not repeat itself
+        again = overlap_run(check, "off")
+        noisy = [part for part in off if not same(off[part], again[part])]
+        if noisy:
+            check.overlap_verdict += f" (off vs off also differs: {', '.join(noisy)})"
+    title = (f"overlap off vs on, {s.verify_steps} steps of {s.arch} at batch {s.batch}, "
+             f"K = {4 * s.batch:,} of N = {s.verify_batches * s.batch:,}")
+    sec.rows += [[title, check.overlap_verdict],
+                 ["rows written back to the store (off run)", f"{written:,}"],
+                 ["overlap check s", f"{time.perf_counter() - t0:.1f}"]]
+    sec.summary["overlap"] = {"verdict": check.overlap_verdict, "steps": s.verify_steps,
+                              "rows_written": written, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------- 2. model ceiling
@@ -321,14 +417,17 @@ def fill_recent_rows(trainer: Trainer, steps: int) -> None:
         trainer.classifier.step(trainer.lr_at(step))
 
 
-def ceiling_variant(check: Check, label: str, sampling: str, vit: bool = False) -> Optional[dict]:
-    """img/s of one variant of section 2, of the ResNet or the ViT (None when the section's time is up)."""
+def ceiling_variant(check: Check, label: str, sampling: str, vit: bool = False,
+                    overlap: str = "on") -> Optional[dict]:
+    """img/s of one variant of section 2, of the ResNet or the ViT, with ``classifier.overlap``
+    (None when the section's time is up)."""
     if check.left() <= 0:
         return None
     s = check.sizes
     release(check.device)
     model = ("in1k-vit-s16.yaml", s.vit_arch) if vit else ("in1k.yaml", s.arch)
-    with check.synthetic_trainer(s.ceiling_rows, "full" if sampling == "full" else "recent", *model) as tr:
+    with check.synthetic_trainer(s.ceiling_rows, "full" if sampling == "full" else "recent", *model,
+                                 extra=(f"classifier.overlap={overlap}",)) as tr:
         start = 0
         if sampling == "none":
             tr.classifier.close()
@@ -350,21 +449,27 @@ def model_ceiling(check: Check, sec: Section) -> None:
     amp = "bf16 autocast + channels_last" if check.device.type == "cuda" else "fp32 (CPU)"
     sec.title += f" — {s.arch}, {s.image} px, batch {s.batch}, {amp}"
     sec.columns = ["variant", "img/s", "ms/step", "peak MiB", "vs (a) / (d)"]
-    variants = (("(a) backbone + head only", "none", ""),
-                (f"(b) + recent-K (N={s.ceiling_rows:,}, K={s.recent_k:,})", "recent", ""),
-                (f"(c) + full-N (N={s.ceiling_rows:,})", "full", ""),
-                (f"(d) {s.vit_arch}, AdamW: backbone + head only", "none", "vit_"),
-                (f"(e) {s.vit_arch}, AdamW: + recent-K", "recent", "vit_"))
-    for label, sampling, prefix in variants:
-        r = ceiling_variant(check, label, sampling, vit=bool(prefix))
+    recent = f"+ recent-K (N={s.ceiling_rows:,}, K={s.recent_k:,})"
+    # (label, sampling, summary key, ViT?, classifier.overlap); the key of (a) / (d) is the baseline's
+    variants = (("(a) backbone + head only", "none", "none", False, "off"),
+                (f"(b) {recent}, overlap on", "recent", "recent", False, "on"),
+                (f"(b') {recent}, overlap off", "recent", "recent_off", False, "off"),
+                (f"(c) + full-N (N={s.ceiling_rows:,})", "full", "full", False, "off"),
+                (f"(d) {s.vit_arch}, AdamW: backbone + head only", "none", "vit_none", True, "off"),
+                (f"(e) {s.vit_arch}, AdamW: + recent-K, overlap on", "recent", "vit_recent", True, "on"))
+    for label, sampling, key, vit, overlap in variants:
+        if overlap == "on" and not check.overlap_verified:
+            sec.rows.append([label, f"invalid: overlap check {check.overlap_verdict}", "", "", ""])
+            continue
+        r = ceiling_variant(check, label, sampling, vit, overlap)
         if r is None:
             sec.rows.append([label, "skipped: section time is up", "", "", ""])
             continue
-        sec.summary[prefix + sampling] = r
-        base = sec.summary.get(prefix + "none")
+        sec.summary[key] = r
+        base = sec.summary.get("vit_none" if vit else "none")
         ratio = r["img_s"] / base["img_s"] if base else float("nan")
         if sampling != "none":
-            sec.summary[f"{prefix}{sampling}_ratio"] = ratio
+            sec.summary[f"{key}_ratio"] = ratio
         sec.rows.append([label, f"{r['img_s']:.0f}", f"{r['ms_step']:.1f}",
                          f"{r['peak_mib']:.0f}", f"{ratio:.3f}"])
 
@@ -584,14 +689,19 @@ def headline(sections: dict[int, Section]) -> tuple[list[list], str]:
         return value
 
     rows, parts = [], []
+    verdict = got(1, "overlap", "verdict") or "not run"
+    rows.append(["overlap off vs on: losses and rows (1)", verdict, "identical"])
+    parts.append(f"overlap {verdict}")
     recent, ratio, full = got(2, "recent", "img_s"), got(2, "recent_ratio"), got(2, "full_ratio")
-    rows.append(["model ceiling img/s, + recent-K (2b)", f"{recent:.0f}" if recent else "n/a",
+    rows.append(["model ceiling img/s, + recent-K, overlap on (2b)", f"{recent:.0f}" if recent else "n/a",
                  f">= {GOAL_IMG_S} (H100, ResNet-50)"])
     rows.append(["(b)/(a): recent-K vs backbone + head only", f"{ratio:.3f}" if ratio else "n/a",
                  f">= {GOAL_RECENT_RATIO}"])
+    off = got(2, "recent_off_ratio")
+    rows.append(["(b')/(a): recent-K, overlap off", f"{off:.3f}" if off else "n/a", "-"])
     rows.append(["(c)/(a): full-N vs backbone + head only", f"{full:.3f}" if full else "n/a", "-"])
     parts.append(f"ceiling {recent:.0f} img/s with recent-K = {ratio:.3f}x backbone-only"
-                 if recent and ratio else "ceiling n/a")
+                 + (f" ({off:.3f}x with overlap off)" if off else "") if recent and ratio else "ceiling n/a")
     vit, vit_ratio = got(2, "vit_recent", "img_s"), got(2, "vit_recent_ratio")
     rows.append(["ViT-S/16 img/s, + recent-K (2e) and (e)/(d)",
                  f"{vit:.0f} ({vit_ratio:.3f})" if vit and vit_ratio else "n/a", "-"])
@@ -676,7 +786,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
         min_s = dict.fromkeys(MIN_SECONDS, 0) if args.smoke else MIN_SECONDS
         for number, title, fn in (
-                (1, "Environment", environment),
+                (1, "Environment and overlap check", overlap_check),
                 (2, "Model ceiling", model_ceiling),
                 (3, "Device memory vs N", memory_vs_n),
                 (4, "Real data through the WindowLoader", real_data),

@@ -102,6 +102,8 @@ class Trainer:
         self.world = world or init_world(self.device, config.train.dist_timeout_s)
         self.show_progress = show_progress and self.world.is_main
         check_world(config, self.world, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True   # the shapes are fixed: autotune each conv once
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # leave the loader workers their cores: oversubscribed OpenMP threads spin and crawl
             per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -249,7 +251,7 @@ class Trainer:
         """The training stream from `start_step` to `total_steps`: WindowLoader on shards, BetonLoader on a
         .beton (`train_data`); colour augmentation in the loader's workers when there is no accelerator."""
         return train_loader_from_config(
-            self.config, self.shards, self.scheduler, self.world, start_step=self.start_step,
+            self.config, self.shards, self.scheduler, self.world, self.device, start_step=self.start_step,
             num_steps=self.total_steps - self.start_step,
             augment=self.augment if self._augment_in_workers else None)
 

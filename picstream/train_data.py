@@ -2,6 +2,8 @@
 .beton trained on in place (`BetonLoader`, FFCV's Loader under picstream's sliding-window order)."""
 from __future__ import annotations
 
+import torch
+
 from .beton import BetonSet, is_beton
 from .config import Config
 from .distributed import World
@@ -22,26 +24,29 @@ def open_train_set(url: str, *, seed: int = 0):
 
 
 def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache_bytes=None, augment=None,
-                 on_missing: str = "fail", **kw):
+                 on_missing: str = "fail", pin_memory: bool = False, **kw):
     """The loader for `train_set`. On a .beton, FFCV reads a local file (no shard cache, no shards to
     miss) and decodes in threads of this process, so the colour augmentation stays with the trainer.
-    `on_missing` is `data.on_missing` (see `WindowLoader`)."""
+    `on_missing` is `data.on_missing` (see `WindowLoader`); `pin_memory`: the WindowLoader's workers'
+    batches are pinned (page-locked) in the trainer process, for copies to CUDA that do not block."""
     if isinstance(train_set, BetonSet):
         from .beton.loader import BetonLoader
         return BetonLoader(train_set, scheduler, batch_size, **kw)
     return WindowLoader(train_set, scheduler, batch_size, cache_dir=cache_dir, cache_bytes=cache_bytes,
-                        augment=augment, on_missing=on_missing, **kw)
+                        augment=augment, on_missing=on_missing, pin_memory=pin_memory, **kw)
 
 
-def train_loader_from_config(config: Config, train_set, scheduler, world: World, *, start_step: int,
-                             num_steps: int, augment=None):
+def train_loader_from_config(config: Config, train_set, scheduler, world: World, device: torch.device, *,
+                             start_step: int, num_steps: int, augment=None):
     """``world``'s rank of the training stream from ``start_step`` for ``num_steps`` global batches
-    of ``config.optim.batch_size``, as ``config.data`` says; ``augment``: colour augmentation in the
-    loader's workers (None: the trainer does it)."""
+    of ``config.optim.batch_size``, as ``config.data`` says, for training on ``device`` (CUDA: the
+    batches come pinned); ``augment``: colour augmentation in the loader's workers (None: the
+    trainer does it)."""
     data = config.data
     return train_loader(
         train_set, scheduler, config.optim.batch_size // world.size, rank=world.rank,
         world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),
         multi_crop=loader_crops(data.multi_crop), workers=data.workers, start_step=start_step,
         num_steps=num_steps, seed=config.run.seed, cache_dir=data.cache_dir,
-        cache_bytes=int(data.cache_gb * 2**30), augment=augment, on_missing=data.on_missing)
+        cache_bytes=int(data.cache_gb * 2**30), augment=augment, on_missing=data.on_missing,
+        pin_memory=device.type == "cuda")

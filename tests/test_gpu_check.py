@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py --smoke: every section of the GPU check runs (toy sizes, CPU), so the
-script is ready when a device is lent; a failing section is reported and the others still run."""
+script is ready when a device is lent; its first check (overlap off vs on, bit for bit) passes; a
+failing section is reported and the others still run."""
 import json
 import os
 import subprocess
@@ -38,9 +39,10 @@ def test_smoke_runs_every_section(tmp_path):
     assert {n: s["status"] for n, s in secs.items()} == dict.fromkeys(range(1, 6), "ok")
 
     assert secs[1]["summary"]["device used"] == "cpu"
+    assert secs[1]["summary"]["overlap"]["verdict"] == "identical"
     ceiling = secs[2]["summary"]
     assert all(ceiling[k]["img_s"] > 0 and ceiling[k]["steps"] == 2
-               for k in ("none", "recent", "full", "vit_none", "vit_recent"))
+               for k in ("none", "recent", "recent_off", "full", "vit_none", "vit_recent"))
     memory = secs[3]["summary"]
     assert [r["rows"] for r in memory["recent"]] == [10**5, 1_281_167, 7_469_000, 10**8, 10**9]
     # on CPU the figure is the classifier's tensors: K rows whatever N, N rows for the full one
@@ -54,6 +56,18 @@ def test_smoke_runs_every_section(tmp_path):
 
     table = (out / "gpu_check.md").read_text()
     assert "| check | measured | goal |" in table and "### 5. Quality" in table
+
+
+def test_overlap_is_checked_first_and_identical(tmp_path):
+    """Section 1 runs the same steps with classifier.overlap off and on; on this CPU they must agree
+    bit for bit, with rows really written back to the store in between."""
+    out = tmp_path / "out"
+    result = run_check("--out", str(out), "--sections", "1", data=tmp_path / "no-data")
+    assert result.returncode == 0, result.stderr[-3000:]
+    overlap = sections(out)[1]["summary"]["overlap"]
+    assert overlap["verdict"] == "identical" and overlap["steps"] == 6 and overlap["rows_written"] > 0
+    assert result.stdout.strip().splitlines()[-1].startswith("RESULT: none (CPU only): overlap identical;")
+    assert "| overlap off vs on: losses and rows (1) | identical | identical |" in (out / "gpu_check.md").read_text()
 
 
 def test_failing_section_is_reported_and_the_rest_runs(tmp_path):

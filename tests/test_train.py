@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from picstream.checkpoint import list_checkpoints, load_checkpoint
+from picstream.config import load_config
+from picstream.distributed import World
 from picstream.evaluate import main as eval_main
+from picstream.train import build_scheduler
+from picstream.train_data import open_train_set, train_loader_from_config
 
 TINY = [
     "model.arch=resnet18", "model.head_hidden=64", "model.feature_dim=16", "data.image_size=32",
@@ -27,6 +31,21 @@ def train_cmd(run_dir: Path, train_manifest: Path, *extra: str) -> list[str]:
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_loader_pins_batches_only_for_cuda(shapes_shards, device, pinned):
+    """Training on CUDA gets the loader's batches pinned (host-to-device copies that do not block);
+    on the CPU they are not. Building the loader touches no device, so both are checked here."""
+    train, _ = shapes_shards
+    config = load_config(Path(__file__).parents[1] / "configs/demo.yaml", [f"data.train={train}", *TINY])
+    shards = open_train_set(str(train))
+    loader = train_loader_from_config(config, shards, build_scheduler(config, len(shards)), World(),
+                                      torch.device(device), start_step=0, num_steps=1)
+    try:
+        assert loader.pin_memory is pinned
+    finally:
+        loader.close()
 
 
 def test_bad_config_is_one_clear_error(tmp_path, shapes_shards):

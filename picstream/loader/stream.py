@@ -267,6 +267,8 @@ class WindowLoader:
     as ``augment(uint8 images, generator)`` on every view inside the workers, with a generator
     seeded from ``(seed, step, view)``; the batch then carries its output (float32) instead.
     ``on_missing`` ("fail" or "skip"): what a shard the manifest lists but the storage lacks does.
+    ``pin_memory``: with workers, the DataLoader pins each batch in this process (for CUDA copies
+    that do not block; with none, the copy to the device pins its own source).
     """
 
     def __init__(self, shardset, scheduler: SlidingWindowScheduler, batch_size: int, *,
@@ -295,7 +297,7 @@ class WindowLoader:
         maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment, on_missing)
         self.dataset = _WindowStream(maker, copy.deepcopy(scheduler), batch_size, rank,
                                      world_size, start_step, num_steps)
-        self._pin, self._prefetch_factor = pin_memory, prefetch_factor
+        self.pin_memory, self._prefetch_factor = pin_memory, prefetch_factor
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
@@ -310,7 +312,7 @@ class WindowLoader:
             if self._loader is None:
                 self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                           persistent_workers=True, multiprocessing_context="fork",
-                                          prefetch_factor=self._prefetch_factor, pin_memory=self._pin)
+                                          prefetch_factor=self._prefetch_factor, pin_memory=self.pin_memory)
             batches = iter(self._loader)
         for batch in batches:
             if batch.error is not None:
