@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
 FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: install demo test bench gpu-check ffcv loaders parquet cluster s3 clean
+.PHONY: install demo test test-loaders bench gpu-check ffcv loaders parquet cluster s3 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The tests of the peer loaders and region-of-interest decode (the loaders extra, ~770 MB), not in `make test`.
+test-loaders: loaders
+	$(VENV)/bin/python -m pytest -q -m loaders
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(VENV)/bin/python $$b --quick || exit 1; done

@@ -15,6 +15,7 @@ SHAPES = {"(64, 3, 224, 224) uint8", "(64, 224, 224, 3) uint8"}   # CHW (torch) 
 
 
 @pytest.mark.slow
+@pytest.mark.loaders
 def test_quick_run_delivers_every_loaders_batches(tmp_path):
     data = shared_data_dir()
     if not (data / "imagenet-sample-1000.tar").exists():
