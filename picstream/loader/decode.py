@@ -9,9 +9,11 @@ the sample is at least twice its output size, otherwise the fastest installed fu
 (``DEFAULT_FULL``), falling back to Pillow for anything it cannot read. ``"roi"``: region-of-interest
 decode of each sample's crops (the rows and columns of the union of its crop boxes only), through
 nvImageCodec's libjpeg-turbo CPU back end (optional: the ``loaders`` extra); its crops equal the full
-decoders' exactly on the ImageNet sample (tests/test_decode.py); anything else it decodes like
-``"auto"``'s full decoders. Crops are resized with torch's antialiased bilinear kernel on uint8, which is
-several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
+decoders' exactly on the ImageNet sample and on odd JPEGs (progressive, restart markers, every chroma
+subsampling, grayscale, odd sizes; tests/test_decode.py); anything else it decodes like ``"auto"``'s full
+decoders, and so are CMYK / YCCK JPEGs (nvImageCodec's RGB conversion of them differs). No decoder
+applies EXIF orientation (``"roi"`` neither). Crops are resized with torch's antialiased bilinear kernel
+on uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ __all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "decode", "decode_crops"
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
 
 
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a JPEG's frame header, or None when ``data`` is not a JPEG.
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """``(width, height, components)`` from a JPEG's frame header, or None when ``data`` is not a JPEG.
 
     A few byte reads instead of ``PIL.Image.open`` (a noticeable share of a 224 px crop's cost).
     """
@@ -58,9 +60,16 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         if marker in _SOF:
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+            return (int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"),
+                    data[i + 9])
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's frame header, or None when ``data`` is not a JPEG."""
+    frame = jpeg_frame(data)
+    return None if frame is None else frame[:2]
 
 
 def _pil_to_hwc(im: Image.Image) -> torch.Tensor:
@@ -166,7 +175,8 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
     ``uniforms[i]`` drives crop ``i`` (see :func:`geometry.random_resized_crop`). Raises on bytes
     that cannot be decoded.
     """
-    size = jpeg_size(data)
+    frame = jpeg_frame(data)
+    size = None if frame is None else frame[:2]
     width, height = size if size is not None else Image.open(io.BytesIO(data)).size
     boxes = [random_resized_crop(height, width, u, s) for u, s in zip(uniforms, specs)]
     reduce = min(min(h, w) / s.size for (_, _, h, w, _), s in zip(boxes, specs))
@@ -181,16 +191,19 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
             y = _pil_to_hwc(img.resize((spec.size, spec.size), Image.BILINEAR, box=box))
             out.copy_(y.flip(1) if flip else y)
         return
-    img, top0, left0 = _crop_source(data, boxes, size is not None, decoder)
+    # 4-component (CMYK / YCCK) JPEGs are decoded in full: nvImageCodec's conversion to RGB differs from
+    # simplejpeg's by up to 2 levels (benchmarks/README.md, "Region-of-interest decode")
+    img, top0, left0 = _crop_source(data, boxes, decoder == "roi" and frame is not None and frame[2] in (1, 3),
+                                    decoder)
     for (top, left, h, w, flip), spec, out in zip(boxes, specs, outs):
         y = _resize(img[top - top0:top - top0 + h, left - left0:left - left0 + w], (spec.size, spec.size))
         out.copy_(y.flip(1) if flip else y)
 
 
-def _crop_source(data: bytes, boxes, is_jpeg: bool, decoder: str) -> tuple[torch.Tensor, int, int]:
-    """The pixels the crop boxes are cut from and their top-left corner in the image: with ``"roi"`` (a
-    JPEG) only the union of the boxes, otherwise the whole image."""
-    if decoder == "roi" and is_jpeg:
+def _crop_source(data: bytes, boxes, window: bool, decoder: str) -> tuple[torch.Tensor, int, int]:
+    """The pixels the crop boxes are cut from and their top-left corner in the image: with ``window`` (a
+    1- or 3-component JPEG under ``"roi"``) only the union of the boxes, otherwise the whole image."""
+    if window:
         top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
         img = _decode_region(data, top, left, max(b[0] + b[2] for b in boxes) - top,
                              max(b[1] + b[3] for b in boxes) - left)
