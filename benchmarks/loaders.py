@@ -12,6 +12,16 @@ the design, so make_shards runs with `--dedup none`), each loader packing them w
   ffcv       DatasetWriter (RGBImageField, the JPEG bytes as they are) → Loader with its own
              RandomResizedCrop decoder (numba; its first batch includes the compile)
   dali       no writer: fn.readers.file on the JPEG files → fn.decoders.image_random_crop on the CPU
+  picstream-http, webdataset-http: the same packed files served by a plain HTTP server on 127.0.0.1 (python's
+             http.server, a thread of the parent process: its CPU is not counted, like a remote store's);
+             picstream opens the shard set's URL (shards fetched whole into a local cache), webdataset
+             reads http:// shard URLs (through `curl`, its default). LitData and Mosaic have no plain-HTTP
+             back end (object stores, Hugging Face, SFTP, local only), so they have no HTTP row.
+  <loader>-multicrop: the multi-crop recipe, 1×160 + 3×96 (each RandomResizedCrop(scale (0.2, 1)) + flip)
+             from one read of each sample, for every peer: picstream's multi_crop spec (one decode);
+             LitData, Mosaic, webdataset: a transform returning the 4 views (one decode); FFCV: 4
+             pipelines on the image field (PipelineSpec; each one decodes); DALI: one decode, 4
+             fn.random_resized_crop. img/s counts samples (4 crops each).
 
 Same work for all: decode, RandomResizedCrop(224, scale (0.2, 1)), horizontal flip, uint8 batches of 64,
 `--workers` worker processes (threads for FFCV and DALI). Each load runs in a fresh process; timed: the
@@ -26,6 +36,7 @@ with a reason; with `CI` set that is an error.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -33,7 +44,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -46,19 +59,31 @@ from loader import BATCH, prepare, window_loader  # noqa: E402  (benchmarks/load
 from picstream.shards import ShardSet  # noqa: E402
 
 SIZE, SCALE = 224, (0.2, 1.0)
+MULTI_CROP = (160, 96, 96, 96)   # the multi-crop recipe: 1×160 + 3×96, each RandomResizedCrop(scale SCALE) + flip
 GPU_RATES = (3000, 7000)
 # loader -> (module that must import, distribution whose version is reported)
 LOADERS = {"picstream": ("picstream", "picstream"),
            "picstream-roi": ("nvidia.nvimgcodec", "nvidia-nvimgcodec-cu13"), "litdata": ("litdata", "litdata"),
            "mosaic": ("streaming", "mosaicml-streaming"), "webdataset": ("webdataset", "webdataset"),
            "ffcv": ("ffcv", "ffcv"), "dali": ("nvidia.dali", "nvidia-dali-cuda130")}
+HTTP = ("picstream", "webdataset")                                         # the loaders with a -http row
+MULTI = ("picstream", "litdata", "mosaic", "webdataset", "ffcv", "dali")   # ... with a -multicrop row
+LOADERS |= {f"{n}-http": LOADERS[n] for n in HTTP} | {f"{n}-multicrop": LOADERS[n] for n in MULTI}
 
 
-def peer_transform():
-    """torchvision's RandomResizedCrop + flip (on a PIL image or a uint8 tensor) → uint8 CHW tensor."""
-    import torchvision.transforms.v2 as T
-    return T.Compose([T.ToImage(), T.RandomResizedCrop(SIZE, scale=SCALE, antialias=True),
-                      T.RandomHorizontalFlip(), T.ToPureTensor()])
+class PeerViews:
+    """torchvision's RandomResizedCrop + flip at each of `sizes` (on a PIL image or a uint8 tensor) → a tuple
+    of uint8 CHW tensors, one per view (the DataLoader's collate makes them a list of batches)."""
+
+    def __init__(self, sizes: tuple[int, ...]):
+        import torchvision.transforms.v2 as T
+        self.to_image = T.ToImage()
+        self.views = [T.Compose([T.RandomResizedCrop(s, scale=SCALE, antialias=True), T.RandomHorizontalFlip(),
+                                 T.ToPureTensor()]) for s in sizes]
+
+    def __call__(self, image) -> tuple:
+        x = self.to_image(image)
+        return tuple(view(x) for view in self.views)
 
 
 def jpeg_files(work: Path) -> list[Path]:
@@ -107,84 +132,123 @@ def pack_ffcv(work: Path, workers: int) -> None:
 WRITERS = {"litdata": pack_litdata, "mosaic": pack_mosaic, "webdataset": pack_webdataset, "ffcv": pack_ffcv}
 
 
-# ---- loaders: batches(work, workers, steps) yields uint8 image batches ---------------------------------
+# ---- loaders: batches(work, workers, steps, sizes) yields a list of uint8 image batches, one per crop size --
 
-def batches_picstream(work: Path, workers: int, steps: int, decoder: str = "auto"):
-    with window_loader(ShardSet.open(work / "picstream"), steps, workers, decoder=decoder) as loader:
+def served_url(work: Path) -> str:
+    """The base URL under which the parent's HTTP server serves `work`."""
+    return (work / "http.url").read_text()
+
+
+def batches_picstream(work: Path, workers: int, steps: int, sizes=(SIZE,), decoder: str = "auto",
+                      root: str | None = None):
+    shards = ShardSet.open(root or work / "picstream")
+    with window_loader(shards, steps, workers, decoder=decoder, image_size=sizes[0],
+                       multi_crop=[(s, 1, SCALE) for s in sizes[1:]]) as loader:
         for b in loader:
-            yield b.images
+            yield [b.images, *b.extra_crops]
 
 
-def batches_picstream_roi(work: Path, workers: int, steps: int):
+def batches_picstream_roi(work: Path, workers: int, steps: int, sizes=(SIZE,)):
     """The same loader decoding only each crop's window (decoder="roi", nvImageCodec's CPU back end)."""
-    return batches_picstream(work, workers, steps, decoder="roi")
+    return batches_picstream(work, workers, steps, sizes, decoder="roi")
 
 
-def batches_litdata(work: Path, workers: int, steps: int):
+def batches_picstream_http(work: Path, workers: int, steps: int, sizes=(SIZE,)):
+    """The same loader on the shard set's URL: shards fetched whole over HTTP into a temporary cache."""
+    return batches_picstream(work, workers, steps, sizes, root=f"{served_url(work)}/picstream")
+
+
+def batches_litdata(work: Path, workers: int, steps: int, sizes=(SIZE,)):
     import litdata
 
     class Images(litdata.StreamingDataset):
         def __getitem__(self, index):
-            return transform(super().__getitem__(index)["image"])
-    transform = peer_transform()
+            return views(super().__getitem__(index)["image"])
+    views = PeerViews(sizes)
     ds = Images(str(work / "litdata"), shuffle=True, seed=0)
     yield from litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=workers, drop_last=True)
 
 
-def batches_mosaic(work: Path, workers: int, steps: int):
+def batches_mosaic(work: Path, workers: int, steps: int, sizes=(SIZE,)):
     from streaming import StreamingDataLoader, StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
 
     class Images(StreamingDataset):
         def __getitem__(self, index):   # its 'jpeg' decoder returns the PIL image in the file's mode
-            return transform(super().__getitem__(index)["image"].convert("RGB"))
+            return views(super().__getitem__(index)["image"].convert("RGB"))
     clean_stale_shared_memory()
-    transform = peer_transform()
+    views = PeerViews(sizes)
     ds = Images(local=str(work / "mosaic"), shuffle=True, shuffle_seed=0, batch_size=BATCH)
     yield from StreamingDataLoader(ds, batch_size=BATCH, num_workers=workers, drop_last=True)
 
 
-def batches_webdataset(work: Path, workers: int, steps: int):
+def webdataset_shards(work: Path) -> list[Path]:
+    return sorted((work / "webdataset").glob("shard-*.tar"))
+
+
+def batches_webdataset(work: Path, workers: int, steps: int, sizes=(SIZE,), urls: list[str] | None = None):
     import webdataset as wds
-    urls = [str(p) for p in sorted((work / "webdataset").glob("shard-*.tar"))]
+    urls = urls or [str(p) for p in webdataset_shards(work)]
+    views = PeerViews(sizes)
     ds = (wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False).shuffle(1000)
-          .decode("pil").to_tuple("jpg").map_tuple(peer_transform()).batched(BATCH, partial=False))
-    for (images,) in wds.WebLoader(ds, batch_size=None, num_workers=workers):
-        yield images
+          .decode("pil").to_tuple("jpg").map(lambda sample: views(*sample)).batched(BATCH, partial=False))
+    yield from wds.WebLoader(ds, batch_size=None, num_workers=workers)
 
 
-def batches_ffcv(work: Path, workers: int, steps: int):
+def batches_webdataset_http(work: Path, workers: int, steps: int, sizes=(SIZE,)):
+    """The same pipeline on http:// shard URLs (webdataset streams them through `curl`)."""
+    base = served_url(work)
+    return batches_webdataset(work, workers, steps, sizes, [f"{base}/webdataset/{p.name}"
+                                                            for p in webdataset_shards(work)])
+
+
+def batches_ffcv(work: Path, workers: int, steps: int, sizes=(SIZE,)):
+    """One pipeline per crop size, every one reading the image field (FFCV's PipelineSpec): each decodes."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
+    views = {"image" if i == 0 else f"view{i}": PipelineSpec(
+        "image", RandomResizedCropRGBImageDecoder((s, s), scale=SCALE), [RandomHorizontalFlip(), ToTensor()])
+        for i, s in enumerate(sizes)}
     loader = Loader(str(work / "ffcv.beton"), BATCH, num_workers=workers, order=OrderOption.RANDOM, seed=0,
-                    drop_last=True, os_cache=True, pipelines={
-                        "image": [RandomResizedCropRGBImageDecoder((SIZE, SIZE), scale=SCALE),
-                                  RandomHorizontalFlip(), ToTensor()], "id": None, "label": None})
-    for (images,) in loader:
-        yield images
+                    drop_last=True, os_cache=True, pipelines={**views, "id": None, "label": None})
+    for out in loader:
+        yield list(out)
 
 
-def batches_dali(work: Path, workers: int, steps: int):
+def batches_dali(work: Path, workers: int, steps: int, sizes=(SIZE,)):
+    """One crop: DALI's fused decode + random crop (only the window decoded); several: one decode, then a
+    random_resized_crop per view."""
     from nvidia.dali import fn, pipeline_def, types
+
+    def flip(images):
+        return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
 
     @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, seed=0)
     def pipeline():
         jpegs, _ = fn.readers.file(file_root=str(work / "corpus"), random_shuffle=True, name="reader")
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                               random_area=list(SCALE))
-        images = fn.resize(images, resize_x=SIZE, resize_y=SIZE, antialias=True)
-        return fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
+        if len(sizes) == 1:
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                                   random_area=list(SCALE))
+            return flip(fn.resize(images, resize_x=sizes[0], resize_y=sizes[0], antialias=True))
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        return tuple(flip(fn.random_resized_crop(images, size=[s, s], random_area=list(SCALE), antialias=True))
+                     for s in sizes)
     pipe = pipeline()
     pipe.build()
     for _ in range(steps):
-        (images,) = pipe.run()
-        yield images.as_array()
+        yield [views.as_array() for views in pipe.run()]
 
 
 LOAD = {"picstream": batches_picstream, "picstream-roi": batches_picstream_roi, "litdata": batches_litdata,
-        "mosaic": batches_mosaic,
-        "webdataset": batches_webdataset, "ffcv": batches_ffcv, "dali": batches_dali}
+        "mosaic": batches_mosaic, "webdataset": batches_webdataset, "ffcv": batches_ffcv, "dali": batches_dali,
+        "picstream-http": batches_picstream_http, "webdataset-http": batches_webdataset_http}
+LOAD |= {f"{n}-multicrop": functools.partial(LOAD[n], sizes=MULTI_CROP) for n in MULTI}
+# whose packed files a loader reads, when not its own name's
+PACKED_BY = {name: name.split("-")[0] for name in LOADERS if "-" in name}
+# the picstream row each row is compared with (the same setting: local, -http or -multicrop); default picstream
+REFERENCE = {name: f"picstream-{name.split('-')[1]}" for name in LOADERS if name.endswith(("-http", "-multicrop"))}
 
 
 # ---- what the process tree costs ------------------------------------------------------------------------
@@ -241,11 +305,11 @@ def load_child(name: str, work: Path, workers: int, count: int) -> dict:
 
     def take():
         nonlocal peak, taken
-        images = next(it)
+        views = next(it)
         taken += 1
-        shapes.add(f"{tuple(images.shape)} {str(images.dtype).replace('torch.', '')}")
+        shapes.add(" + ".join(f"{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}" for v in views))
         peak = max(peak, pss_mb(process_tree(me)))
-        return images
+        return views[0]
     take()
     first = time.perf_counter() - t_build
     t0, cpu0 = time.perf_counter(), cpu_seconds(process_tree(me))
@@ -288,6 +352,26 @@ def child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class StaticServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):   # a loader closed after its last batch
+            super().handle_error(request, client_address)
+
+
+def start_http_server(root: Path) -> ThreadingHTTPServer:
+    """A plain static file server for `root` on 127.0.0.1 (a free port), in a thread; its base URL is
+    written to `root`/http.url for the loading processes."""
+    server = StaticServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (root / "http.url").write_text(f"http://127.0.0.1:{server.server_address[1]}")
+    return server
+
+
 def run(args) -> tuple[dict[str, dict], dict[str, str]]:
     names = args.only.split(",") if args.only else list(LOADERS)
     present, missing = available(names)
@@ -300,9 +384,10 @@ def run(args) -> tuple[dict[str, dict], dict[str, str]]:
         prepare(args.data, work, copies, shard_size, workers=args.workers)
         os.rename(work / "shards", work / "picstream")
         packed = {"picstream": time.perf_counter() - t0}   # extract + symlinks + make_shards
-        for name in present:
-            if name in WRITERS:
-                packed[name] = child(["--pack", name, "--work", tmp, "--workers", str(args.workers)])["s"]
+        for writer in dict.fromkeys(PACKED_BY.get(name, name) for name in present):
+            if writer in WRITERS:
+                packed[writer] = child(["--pack", writer, "--work", tmp, "--workers", str(args.workers)])["s"]
+        server = start_http_server(work)
         print(f"{len(ShardSet.open(work / 'picstream'))} images, {args.workers} workers, {os.cpu_count()} "
               f"CPUs, torch {torch.__version__}; pack s: " + ", ".join(f"{n} {s:.1f}" for n, s in packed.items()))
         results: dict[str, dict] = {}
@@ -315,26 +400,31 @@ def run(args) -> tuple[dict[str, dict], dict[str, str]]:
                 for key in ("first_batch_s", "peak_pss_mb"):
                     best[key] = min(best[key], r[key])
                 best["shapes"] = sorted(set(best["shapes"]) | set(r["shapes"]))
+        server.shutdown()
         for name, r in results.items():
-            r["pack_s"], r["version"], r["expected_batches"] = packed.get(name), version(name), count // BATCH + 1
+            r["pack_s"], r["version"] = packed.get(PACKED_BY.get(name, name)), version(name)
+            r["expected_batches"] = count // BATCH + 1
     return results, missing
 
 
 def print_report(results: dict[str, dict], missing: dict[str, str], workers: int) -> None:
-    ours = results["picstream"]
-    print(f"{'loader':<13} {'version':>8} {'img/s':>7} {'img/s/core':>10} {'first s':>7} {'PSS MB':>7} "
+    def ours(name: str) -> dict:
+        return results[REFERENCE.get(name, "picstream")]
+    print(f"{'loader':<20} {'version':>8} {'img/s':>7} {'img/s/core':>10} {'first s':>7} {'PSS MB':>7} "
           + " ".join(f"{f'cores@{g}':>10}" for g in GPU_RATES) + f" {'ours/peer':>9} {'per core':>8}")
     for name, r in results.items():
-        print(f"{name:<13} {r['version']:>8} {r['img_s']:>7.0f} {r['img_s_core']:>10.0f} {r['first_batch_s']:>7.2f} "
+        print(f"{name:<20} {r['version']:>8} {r['img_s']:>7.0f} {r['img_s_core']:>10.0f} {r['first_batch_s']:>7.2f} "
               f"{r['peak_pss_mb']:>7.0f} " + " ".join(f"{g / r['img_s_core']:>10.1f}" for g in GPU_RATES)
-              + f" {ours['img_s'] / r['img_s']:>9.2f} {ours['img_s_core'] / r['img_s_core']:>8.2f}")
+              + f" {ours(name)['img_s'] / r['img_s']:>9.2f} {ours(name)['img_s_core'] / r['img_s_core']:>8.2f}")
     for name, why in missing.items():
         print(f"({name} skipped: {why})")
-    peers = [n for n in results if not n.startswith("picstream")]
-    print("RESULT: picstream WindowLoader img/s " + (", ".join(
-        f"{ours['img_s'] / results[n]['img_s']:.2f}x {n}" for n in peers) or "(no peer installed)")
-        + "; per core " + ", ".join(f"{ours['img_s_core'] / results[n]['img_s_core']:.2f}x {n}" for n in peers)
-        + f" (decode + RRC 224 + flip, uint8 batches of {BATCH}, {workers} workers)")
+
+    def ratios(key: str) -> str:
+        peers = [n for n in results if not n.startswith("picstream") and REFERENCE.get(n, "picstream") in results]
+        return ", ".join(f"{ours(n)[key] / results[n][key]:.2f}x {n}" for n in peers) or "(no peer installed)"
+    print(f"RESULT: picstream WindowLoader img/s {ratios('img_s')}; per core {ratios('img_s_core')} (decode + "
+          f"RRC 224 + flip, uint8 batches of {BATCH}, {workers} workers; a *-http or *-multicrop row: "
+          "picstream's row of the same setting ÷ it)")
 
 
 def main() -> None:
@@ -343,7 +433,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, help="interleaved repetitions, best kept (default 2, 1 with --quick)")
-    ap.add_argument("--only", help="comma-separated loaders (picstream always runs)")
+    ap.add_argument("--only", help="comma-separated loaders (the picstream rows they are compared with run too)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--pack", choices=sorted(WRITERS))
     ap.add_argument("--load", choices=sorted(LOAD))
@@ -357,8 +447,9 @@ def main() -> None:
         return print(json.dumps({"s": time.perf_counter() - t0}))
     if args.load:
         return print(json.dumps(load_child(args.load, args.work, args.workers, args.count)))
-    if args.only and "picstream" not in args.only.split(","):
-        args.only = "picstream," + args.only
+    if args.only:   # with the picstream rows they are compared with
+        names = args.only.split(",")
+        args.only = ",".join(dict.fromkeys(["picstream", *(REFERENCE[n] for n in names if n in REFERENCE), *names]))
     args.rounds = args.rounds or (1 if args.quick else 2)
     results, missing = run(args)
     if args.json:

@@ -1,6 +1,7 @@
 """benchmarks/loaders.py --quick end to end: picstream and every peer loader installed here (the `loaders`
 extra; all of them when `CI` is set) pack the ImageNet sample and deliver full uint8 batches of 224 px
-crops. Not a speed test: the numbers live in benchmarks/README.md."""
+crops, from local disk and (picstream, webdataset) from an HTTP server on 127.0.0.1, and of the multi-crop
+recipe (1×160 + 3×96). Not a speed test: the numbers live in benchmarks/README.md."""
 import json
 import os
 import subprocess
@@ -11,7 +12,16 @@ import pytest
 from conftest import REPO_ROOT, shared_data_dir
 
 SCRIPT = REPO_ROOT / "benchmarks" / "loaders.py"
-SHAPES = {"(64, 3, 224, 224) uint8", "(64, 224, 224, 3) uint8"}   # CHW (torch) or HWC (FFCV, DALI)
+HTTP = {"picstream-http", "webdataset-http"}
+MULTI = {"picstream-multicrop", "litdata-multicrop", "mosaic-multicrop", "webdataset-multicrop", "ffcv-multicrop",
+         "dali-multicrop"}
+CHW, HWC = "(64, 3, {0}, {0}) uint8", "(64, {0}, {0}, 3) uint8"   # torch's layout; FFCV's and DALI's
+
+
+def expected_shapes(name: str) -> set[str]:
+    """One 224 px batch, or the multi-crop recipe's 1×160 + 3×96, in either layout."""
+    sizes = (160, 96, 96, 96) if name in MULTI else (224,)
+    return {" + ".join(layout.format(s) for s in sizes) for layout in (CHW, HWC)}
 
 
 @pytest.mark.slow
@@ -30,8 +40,8 @@ def test_quick_run_delivers_every_loaders_batches(tmp_path):
     if os.environ.get("CI"):
         assert out["missing"] == {}
     assert set(out["results"]) | set(out["missing"]) == {"picstream", "picstream-roi", "litdata", "mosaic",
-                                                          "webdataset", "ffcv", "dali"}
+                                                          "webdataset", "ffcv", "dali"} | HTTP | MULTI
     for name, r in out["results"].items():
         assert r["batches"] == r["expected_batches"] == 5, name   # the first batch + 256 timed images
-        assert len(r["shapes"]) == 1 and r["shapes"][0] in SHAPES, (name, r["shapes"])
+        assert len(r["shapes"]) == 1 and r["shapes"][0] in expected_shapes(name), (name, r["shapes"])
         assert r["img_s"] > 0 and r["img_s_core"] > 0 and r["peak_pss_mb"] > 0, name
