@@ -33,6 +33,12 @@ from .rowstore.overlap import overlap_matches_synchronous
 from .transfer import to_device
 
 NORM_EPS = 1e-6
+ROW_INITS = ("random", "feature")
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each row divided by its eps-guarded L2 norm."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _cosine_or_plain(z: torch.Tensor, w: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
@@ -43,9 +49,14 @@ def _cosine_or_plain(z: torch.Tensor, w: torch.Tensor, loss: str, temperature: f
         z, w = z.to(dtype), w.to(dtype)
         if loss == "plain":
             return z @ w.t()
-        zn = z / z.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        wn = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        return zn @ wn.t() / temperature
+        return _unit(z) @ _unit(w).t() / temperature
+
+
+def first_visit_rows(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``classifier.row_init = feature``: the rows a batch's instances start from at their first
+    visit, their L2-normalised features (detached, in the rows' ``dtype``, outside autocast)."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _unit(z.detach().to(dtype))
 
 
 @runtime_checkable
@@ -88,14 +99,15 @@ class MultiViewLoss:
 
 
 class RecentClassifier(MultiViewLoss):
-    """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`."""
+    """Softmax over the K most recently visited rows; the other rows live in a :class:`RowStore`.
+    A row was visited iff it is resident or the store has written it (``RowStore.never_written``)."""
 
     def __init__(self, store: RowStore, capacity: int, *, loss: str, temperature: float,
                  momentum: float, weight_decay: float, correction: str, device, dtype, store_url=None,
                  storage_options=None, compact_min_steps: int = 1024, world: World | None = None,
-                 multi_crop_rows: str = "main", overlap: bool = False):
+                 multi_crop_rows: str = "main", overlap: bool = False, row_init: str = "random"):
         self.store, self.loss_kind, self.temperature = store, loss, temperature
-        self.multi_crop_rows = multi_crop_rows
+        self.multi_crop_rows, self.row_init = multi_crop_rows, row_init
         self.store_url, self.storage_options = store_url, storage_options
         self.world = world or World()
         self.log = TransitionLog(momentum, weight_decay)
@@ -104,11 +116,15 @@ class RecentClassifier(MultiViewLoss):
         self._leaf: torch.Tensor | None = None
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B×K logits, targets)``; empty slots are masked with −inf; targets are slot indices."""
+        """``(B×K logits, targets)``; empty slots are masked with −inf; targets are slot indices.
+        With ``row_init = feature`` a row's first visit starts it from its feature in ``z`` (every
+        rank's rows from the global batch's features) before the logits are computed."""
         ids = self.world.gather_ids(torch.as_tensor(ids).cpu()).numpy()
-        targets = self.rows.admit(ids)
+        z = gather_features(z, self.world)
+        init = first_visit_rows(z, self.rows.dtype) if self.row_init == "feature" else None
+        targets = self.rows.admit(ids, init)
         self._leaf = self.rows.weight.detach().requires_grad_(True)
-        return self.view_logits(z), targets
+        return self._scores(z, self._leaf), targets
 
     def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
         """Logits of another view of the last ``logits`` batch over the same resident rows (no
@@ -116,7 +132,11 @@ class RecentClassifier(MultiViewLoss):
         if self._leaf is None:
             raise RuntimeError("view_logits needs a logits() call earlier in the same step")
         rows = self._leaf.detach() if detach_rows else self._leaf
-        out = _cosine_or_plain(gather_features(z, self.world), rows, self.loss_kind, self.temperature)
+        return self._scores(gather_features(z, self.world), rows)
+
+    def _scores(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The global batch's logits over this rank's resident rows (empty slots −inf)."""
+        out = _cosine_or_plain(z, rows, self.loss_kind, self.temperature)
         return out.masked_fill(~self.rows.valid, float("-inf"))
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -204,21 +224,41 @@ class RecentClassifier(MultiViewLoss):
 
 
 class FullClassifier(MultiViewLoss):
-    """The reference: a dense N-row parameter over all rows with stock ``torch.optim.SGD``."""
+    """The reference: a dense N-row parameter over all rows with stock ``torch.optim.SGD``; with
+    ``row_init = feature``, a host flag per row says whether it was visited."""
 
     def __init__(self, num_rows: int, dim: int, *, loss: str, temperature: float, momentum: float,
-                 weight_decay: float, seed: int, device, dtype, multi_crop_rows: str = "main"):
+                 weight_decay: float, seed: int, device, dtype, multi_crop_rows: str = "main",
+                 row_init: str = "random"):
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         init = torch.from_numpy(init_rows(seed, np.arange(num_rows), dim, np_dtype))
         self.weight = torch.nn.Parameter(init.to(device))
         self.optimizer = torch.optim.SGD([self.weight], lr=0.0, momentum=momentum,
                                          weight_decay=weight_decay)
         self.loss_kind, self.temperature, self.multi_crop_rows = loss, temperature, multi_crop_rows
+        self.visited = np.zeros(num_rows, bool) if row_init == "feature" else None
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B×N logits, targets = ids)``."""
+        """``(B×N logits, targets = ids)``; with ``row_init = feature`` the rows visited for the first
+        time start from their features in ``z`` first."""
+        if self.visited is not None:
+            self._start_first_visits(z, ids)
         targets = to_device(torch.as_tensor(ids, dtype=torch.long), self.weight.device)
         return self.view_logits(z), targets
+
+    @torch.no_grad()
+    def _start_first_visits(self, z: torch.Tensor, ids) -> None:
+        """Rows of ``ids`` not visited before take the feature of their first occurrence, momentum 0."""
+        uniq, first = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1), return_index=True)
+        new = ~self.visited[uniq]
+        if not new.any():
+            return
+        at, pos = (to_device(torch.from_numpy(a[new]), self.weight.device) for a in (uniq, first))
+        self.weight.index_copy_(0, at, first_visit_rows(z, self.weight.dtype).index_select(0, pos))
+        buf = self.optimizer.state.get(self.weight, {}).get("momentum_buffer")
+        if buf is not None:
+            buf.index_fill_(0, at, 0)
+        self.visited[uniq[new]] = True
 
     def view_logits(self, z: torch.Tensor, detach_rows: bool = False) -> torch.Tensor:
         """Logits of another view over all rows; ``detach_rows``: no gradient reaches the rows."""
@@ -247,13 +287,17 @@ class FullClassifier(MultiViewLoss):
     def commit_state(self) -> dict:
         """Every row and its momentum (there is no store to commit)."""
         buf = self.optimizer.state.get(self.weight, {}).get("momentum_buffer")
+        visited = {} if self.visited is None else {"visited": torch.from_numpy(self.visited.copy())}
         return {"sampling": "full", "weight": self.weight.detach().cpu(),
-                "momentum": torch.zeros_like(self.weight, device="cpu") if buf is None else buf.cpu()}
+                "momentum": torch.zeros_like(self.weight, device="cpu") if buf is None else buf.cpu(),
+                **visited}
 
     def load_state(self, state: dict) -> None:
         with torch.no_grad():
             self.weight.copy_(state["weight"])
         self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum"].to(self.weight)
+        if self.visited is not None:
+            self.visited = state["visited"].numpy().copy()
 
     def load_resized(self, states: list[dict]) -> None:
         """Refused: only a 1-process run samples every row (and so only one saves such a state)."""
@@ -303,7 +347,7 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
                      cache_rows: int | None = None, dtype: torch.dtype = torch.float32,
                      device="cpu", fresh: bool = False, run_id: str | None = None,
                      durable: bool = False, compact_min_steps: int = 1024, world: World | None = None,
-                     multi_crop_rows: str = "main", overlap: bool = False):
+                     multi_crop_rows: str = "main", overlap: bool = False, row_init: str = "random"):
     """A classifier over ``num_rows`` instances of dimension ``dim``.
 
     ``sampling='recent'`` keeps ``capacity`` rows on ``device`` and the rest in a row store at
@@ -316,14 +360,18 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     ``sampling='full'`` is the dense reference over all N rows (one process only).
     ``multi_crop_rows``: which views' gradients reach the rows (:meth:`MultiViewLoss.loss`).
     ``overlap``: the store write of evicted rows is deferred to the next admission (:class:`RecentRows`).
+    ``row_init``: a row's first visit keeps its random initial value (``random``) or starts it from
+    its instance's L2-normalised feature of the main view, with momentum 0 (``feature``).
     """
     if loss not in ("cosine", "plain"):
         raise ValueError(f"unknown loss {loss!r}")
     world = world or World()
     if multi_crop_rows not in ("main", "all"):
         raise ValueError(f"multi_crop_rows must be 'main' or 'all', got {multi_crop_rows!r}")
+    if row_init not in ROW_INITS:
+        raise ValueError(f"row_init must be one of {ROW_INITS}, got {row_init!r}")
     common = dict(loss=loss, temperature=temperature, momentum=momentum, weight_decay=weight_decay,
-                  multi_crop_rows=multi_crop_rows)
+                  multi_crop_rows=multi_crop_rows, row_init=row_init)
     if sampling == "full":
         if world.size > 1:
             raise ValueError("classifier.sampling = full is the 1-process reference; use 'recent'")
@@ -376,4 +424,4 @@ def classifier_from_config(config: Config, num_rows: int, world: World, *, store
         weight_decay=config.optim.weight_decay, correction=cls.correction, store_url=store_url,
         seed=config.run.seed, chunk_rows=cls.chunk_rows, cache_rows=cache_rows, dtype=dtype, device=device,
         fresh=fresh, run_id=run_id, durable=config.train.durability == "power", world=world,
-        multi_crop_rows=cls.multi_crop_rows, overlap=overlap)
+        multi_crop_rows=cls.multi_crop_rows, overlap=overlap, row_init=cls.row_init)

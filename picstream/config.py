@@ -89,6 +89,9 @@ class ClassifierConfig:
     # the store write of evicted rows deferred by one admission (bit-identical to off, the synchronous
     # path); auto: on once a self-check on the device has matched off (YAML's true/false: on/off)
     overlap: Union[Literal["auto", "on", "off"], bool] = "auto"
+    # a row's first visit: its random initial value, or its instance's L2-normalised feature (of the
+    # main view, detached) with momentum 0 (Liu et al., "Train a One-Million-Way Instance Classifier")
+    row_init: Literal["random", "feature"] = "random"
 
 
 @dataclass

@@ -60,15 +60,29 @@ def train_steps(clf, steps, dtype=torch.float64):
         clf.step(lr_at(step))
 
 
-def oracle_run(dtype, checkpoints):
+def start_first_visits(weight, opt, visited, ids, z) -> None:
+    """``row_init = feature`` by hand: rows seen for the first time take their first feature, u = 0."""
+    with torch.no_grad():
+        for pos, i in enumerate(ids.tolist()):
+            if not visited[i]:
+                visited[i] = True
+                weight[i] = F.normalize(z[pos], dim=0)
+                if opt.state:
+                    opt.state[weight]["momentum_buffer"][i] = 0
+
+
+def oracle_run(dtype, checkpoints, row_init="random"):
     """Dense oracle: yields (step, w, u) of all N rows after each step in ``checkpoints``."""
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     weight = torch.nn.Parameter(torch.from_numpy(init_rows(7, np.arange(N), D, np_dtype)))
     opt = torch.optim.SGD([weight], lr=LR, momentum=MOMENTUM, weight_decay=WD)
     recent: OrderedDict[int, None] = OrderedDict()
+    visited = np.zeros(N, bool)
     sched = SlidingWindowScheduler(N, W, S, seed=1)
     for step in range(STEPS):
         ids, z = batch(step, sched, dtype)
+        if row_init == "feature":
+            start_first_visits(weight, opt, visited, ids, z)
         for i in ids.tolist():
             recent[i] = None
             recent.move_to_end(i)
@@ -91,21 +105,113 @@ def relative_error(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_recent_rows_match_dense_oracle(tmp_path, dtype, tol):
-    checks = (1, 40, 150, STEPS)
-    clf = make(tmp_path, dtype)
+def assert_matches_oracle(clf, dtype, checks, tol, row_init="random"):
+    """Train ``clf`` beside the dense oracle; every row equal to ``tol`` at each step of ``checks``."""
     done = 0
-    for step, w_ref, u_ref in oracle_run(dtype, checks):
+    for step, w_ref, u_ref in oracle_run(dtype, checks, row_init):
         train_steps(clf, range(done, step), dtype)
         done = step
         w, u = clf.rows.peek(np.arange(N))
         assert relative_error(w, w_ref) <= tol, step
         assert relative_error(u, u_ref) <= tol, step
+        if step == checks[-1]:
+            return w, u
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_recent_rows_match_dense_oracle(tmp_path, dtype, tol):
+    checks = (1, 40, 150, STEPS)
+    clf = make(tmp_path, dtype)
+    w, u = assert_matches_oracle(clf, dtype, checks, tol)
     # the run really exercised lazy correction: most rows went through the store
     w_init = init_rows(7, np.arange(N), D, np.float64)
     assert np.abs(w - w_init).max(axis=1).min() > 0
     assert clf.log.num_steps == STEPS and len(clf.rows) == K
+
+
+def test_feature_init_matches_dense_oracle(tmp_path):
+    """row_init = feature: the recent rows equal the oracle that starts each row from its feature at
+    its first visit, over windows that bring new rows while evicting and re-admitting others."""
+    checks = (1, 40, 120)
+    clf = make(tmp_path, row_init="feature")
+    w, u = assert_matches_oracle(clf, torch.float64, checks, 1e-10, row_init="feature")
+    stored = np.flatnonzero(~clf.store.never_written(np.arange(N)))  # visited, then evicted
+    assert stored.size > K and np.isin(clf.rows.slot_ids, stored).any()  # some came back
+    assert clf.store.never_written(np.arange(N - S, N)).all()  # and some rows are still to come
+
+
+def rows_now(clf, ids):
+    """``(w, u)`` of rows ``ids`` now, from either classifier."""
+    if hasattr(clf, "rows"):
+        return clf.rows.peek(ids)
+    buf = clf.optimizer.state.get(clf.weight, {}).get("momentum_buffer")
+    w = clf.weight.detach()[ids].numpy()
+    return w, np.zeros_like(w) if buf is None else buf[ids].numpy()
+
+
+@pytest.mark.parametrize("sampling", ["recent", "full"])
+def test_first_visit_takes_the_feature_and_later_visits_do_not(tmp_path, sampling):
+    """A row's first visit (a duplicate in the batch: its first occurrence) sets it to its unit
+    feature with momentum 0, before the logits; a later visit, after an eviction in the recent
+    set, finds the row as training left it."""
+    clf = build_classifier(64, 8, sampling=sampling, capacity=16, momentum=0.9, weight_decay=1e-3,
+                           store_url=str(tmp_path / "rows"), chunk_rows=8, dtype=torch.float64, seed=3,
+                           row_init="feature")
+    gen = torch.Generator().manual_seed(0)
+
+    def visit(ids):
+        z = torch.randn(len(ids), 8, dtype=torch.float64, generator=gen)
+        logits, targets = clf.logits(z, np.array(ids))
+        return z, logits, targets
+
+    first_ids = [5, 9, 5, 20]
+    before = rows_now(clf, [5, 9, 20])[0]
+    z, logits, targets = visit(first_ids)
+    w, u = rows_now(clf, [5, 9, 20])
+    np.testing.assert_allclose(w, F.normalize(z[[0, 1, 3]], dim=1).numpy(), rtol=1e-14, atol=0)
+    assert not np.any(u) and np.abs(before - w).min() > 0
+    expected = F.normalize(z, dim=1) @ F.normalize(z[[0, 1, 0, 3]], dim=1).t() / 0.2
+    np.testing.assert_allclose(logits.gather(1, targets[:, None])[:, 0].detach(), expected.diagonal())
+    F.cross_entropy(logits, targets).backward()
+    clf.step(0.1)
+    z, logits, targets = visit(list(range(32, 48)))  # 16 new rows: 5, 9 and 20 leave the recent set
+    F.cross_entropy(logits, targets).backward()
+    clf.step(0.1)
+    trained = rows_now(clf, [5, 60])
+    assert np.abs(trained[1][0]).min() > 0  # row 5 has momentum now
+    z, _, _ = visit([5, 60])
+    again = rows_now(clf, [5, 60])
+    np.testing.assert_array_equal(again[0][0], trained[0][0])
+    np.testing.assert_array_equal(again[1][0], trained[1][0])
+    np.testing.assert_allclose(again[0][1], F.normalize(z[1], dim=0).numpy(), rtol=1e-14, atol=0)
+    assert not np.any(again[1][1])
+
+
+@pytest.mark.parametrize("sampling", ["recent", "full"])
+def test_feature_init_resumes_exactly(tmp_path, sampling):
+    """A checkpoint, more steps that the resume abandons (first visits among them, stored), then a
+    restore and the same steps again: bit-identical to the run without the detour; no row is started
+    from a feature twice or missed."""
+    def fresh(name):
+        if sampling == "full":
+            return build_classifier(N, D, sampling="full", momentum=MOMENTUM, weight_decay=WD,
+                                    temperature=TAU, seed=7, dtype=torch.float64, row_init="feature")
+        return make(tmp_path, name=name, row_init="feature", compact_min_steps=1)
+
+    commit_at, abandon_at, end = 40, 70, 100
+    killed = fresh("killed")
+    train_steps(killed, range(commit_at))
+    torch.save(killed.commit_state(), tmp_path / "ckpt.pt")
+    train_steps(killed, range(commit_at, abandon_at))
+    if sampling == "recent":
+        killed.store.flush()
+        killed = make(tmp_path, name="killed", row_init="feature", compact_min_steps=1)
+    killed.load_state(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    train_steps(killed, range(commit_at, end))
+    straight = fresh("straight")
+    train_steps(straight, range(end))
+    for a, b in zip(rows_now(killed, np.arange(N)), rows_now(straight, np.arange(N))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_compacted_log_matches_dense_oracle(tmp_path):

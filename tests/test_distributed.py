@@ -195,6 +195,25 @@ def test_killed_launcher_stops_every_rank_and_the_same_command_resumes(reference
     assert_same(reference[2], final_state(run_dir), rtol=0)
 
 
+def test_feature_init_two_processes_killed_and_resumed_equal_one(reference, shapes_shards, tmp_path):
+    """classifier.row_init = feature: a rank's rows start from the features of whichever rank's
+    block holds their samples (the gathered batch). A 2-process run killed while writing the step-20
+    checkpoint and resumed from step 10 re-initialises no row twice: it equals the uninterrupted
+    1-process run (to 1e-9, as above), which differs from the random-init one."""
+    feature = ("classifier.row_init=feature",)
+    ok(launch(1, tmp_path / "one", shapes_shards[0], extra=feature))
+    run_dir = tmp_path / "two"
+    killed = launch(2, run_dir, shapes_shards[0], ("kill@1", "rename:*part-1-of-2.pt:2"), tmp_path / "io.log",
+                    extra=feature)
+    assert killed.returncode != 0
+    resumed = launch(2, run_dir, shapes_shards[0], extra=feature)
+    ok(resumed)
+    assert "at step 10" in resumed.stderr
+    one = final_state(tmp_path / "one")
+    assert_same(one, final_state(run_dir), rtol=1e-9)
+    assert one["loss"][0] != reference[1]["loss"][0]
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_onto_another_number_of_processes(reference, shapes_shards, tmp_path, before, after):
     """Killed just after the step-10 checkpoint with `before` processes, resumed with `after` on the

@@ -85,6 +85,14 @@ def test_steady_state_step_never_waits_for_the_host(tmp_path, extra):
     assert counts == [Counter()] * STEPS, [dict(c.sites) for c in counts]
 
 
+@pytest.mark.parametrize("sampling", ["recent", "full"])
+def test_feature_init_of_first_visits_never_waits_for_the_host(tmp_path, sampling):
+    """classifier.row_init = feature: the steady-state steps start new rows (every ID is new until
+    step N / B) from their features, and read nothing back either."""
+    counts = syncs_per_step(tmp_path, f"classifier.sampling={sampling}", "classifier.row_init=feature")
+    assert counts == [Counter()] * STEPS, [dict(c.sites) for c in counts]
+
+
 def test_synchronous_write_back_waits_for_its_two_downloads(tmp_path):
     """classifier.overlap = off (the oracle): the one sync left is the evicted rows' store write,
     which waits in the step for the copies of their weights and momenta."""

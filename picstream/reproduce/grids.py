@@ -113,7 +113,7 @@ SCALES = {
         epochs=1, short_epochs=0.5, recent_k=(32, 48), window=(64, 16), small_crop=16, knn_points=2, threads=1),
 }
 
-GRID_NAMES = ("table1", "table2", "table4", "multicrop", "scaling")
+GRID_NAMES = ("table1", "table2", "table4", "multicrop", "scaling", "rowinit")
 
 
 def missed_steps(num_instances: int, batch: int, k: int) -> float:
@@ -220,4 +220,12 @@ def build_grids(scale: Scale) -> dict[str, Grid]:
                                                   "classifier.multi_crop_rows=main"), "68.6")),
                           (Claim("multi-crop", "one view", "multi-crop adds +1.3"),)),
         "scaling": _scaling(scale, epochs),
+        "rowinit": Grid("rowinit", "Row initialisation: random vs the instance's feature at its first visit",
+                        "Liu et al., \"Train a One-Million-Way Instance Classifier for Unsupervised Visual "
+                        "Representation Learning\" (AAAI 2021): rows started from their features converge "
+                        f"faster; ours: both at the short budget ({scale.short_epochs:g} ep)",
+                        tuple(Variant(f"{init} init", (f"optim.epochs={scale.short_epochs:g}",
+                                                       f"classifier.row_init={init}"))
+                              for init in ("random", "feature")),
+                        (Claim("feature init", "random init", "feature init converges faster"),)),
     }

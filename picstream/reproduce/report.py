@@ -271,7 +271,6 @@ def write_page(page: Path, scale: Scale, grids: list[Grid], results: dict, curve
     if not_run:
         lines.append("- Not run yet at this scale: " + ", ".join(f"{n} (`{_command(n, scale, planned)}`)"
                                                                for n in not_run) + ".")
-    lines.append("- Not built yet: `classifier.row_init` (a row initialised from its instance's feature).")
     lines.append("- Not run here (no GPU, no ImageNet on this machine): " +
                  ", ".join(f"`{c}`" for c in NOT_RUN_HERE) + ".")
     lines.append("")

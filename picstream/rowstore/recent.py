@@ -72,18 +72,20 @@ class RecentRows:
         """Bytes of the device tensors (independent of N)."""
         return sum(t.numel() * t.element_size() for t in (self.weight, self.momentum, self.valid))
 
-    def admit(self, ids) -> torch.Tensor:
+    def admit(self, ids, init: torch.Tensor | None = None) -> torch.Tensor:
         """The device-table rows (LongTensor) of ``ids``, −1 for rows another rank holds; fetches and
-        evicts rows as needed."""
+        evicts rows as needed. ``init`` (``len(ids)`` × D on the device, aligned with ``ids``): a row
+        visited for the first time (not resident, never written to the store) starts as ``init`` at
+        its first occurrence in ``ids``, with momentum 0, instead of its stored initial value."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.write_pending()
-        uniq, inverse = np.unique(ids, return_inverse=True)
+        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         if uniq.size > self.capacity:
             raise ValueError(f"batch has {uniq.size} distinct ids, more than the {self.capacity} slots")
         slots = np.fromiter((self._slot_of.get(i, -1) for i in uniq.tolist()), np.int64, uniq.size)
         missing = slots < 0
         if missing.any():
-            slots[missing] = self._fill(uniq[missing], slots[~missing])
+            slots[missing] = self._fill(uniq[missing], slots[~missing], first[missing], init)
         # visit time = stream position of an id's last occurrence: a strict LRU order, no ties
         last_pos = np.zeros(uniq.size, np.int64)
         np.maximum.at(last_pos, inverse.reshape(-1), np.arange(ids.size))
@@ -91,8 +93,10 @@ class RecentRows:
         self._clock += ids.size
         return to_device(torch.from_numpy(self.row_of_slot[slots[inverse.reshape(-1)]]), self.device)
 
-    def _fill(self, new_ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Place ``new_ids`` into the least recently visited slots not in ``keep``; returns the slots."""
+    def _fill(self, new_ids: np.ndarray, keep: np.ndarray, first: np.ndarray,
+              init: torch.Tensor | None) -> np.ndarray:
+        """Place ``new_ids`` into the least recently visited slots not in ``keep``; returns the slots
+        (``first``: their positions in the batch, for ``init``)."""
         priority = self.last_visit.copy()  # empty slots have −1, so they go first
         priority[keep] = np.iinfo(np.int64).max
         n = new_ids.size
@@ -103,7 +107,7 @@ class RecentRows:
         self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
         mine = self.store.owner(new_ids) == self.store.rank
         if mine.any():
-            self._load(new_ids[mine], free[mine])
+            self._load(new_ids[mine], free[mine], first[mine], init)
         return free
 
     def _evict_and_write_back(self, slots: np.ndarray) -> None:
@@ -124,9 +128,12 @@ class RecentRows:
             self.valid.index_fill_(0, idx, False)
             self.slot_of_row[rows[evict]] = -1
 
-    def _load(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Read rows from the store, bring them to the current step and put them on the device."""
+    def _load(self, ids: np.ndarray, slots: np.ndarray, first: np.ndarray,
+              init: torch.Tensor | None) -> None:
+        """Read rows from the store, bring them to the current step and put them on the device; the
+        never-written ones start as ``init[first]`` when ``init`` is given."""
         w, u, last = self.store.read(ids)
+        fresh = None if init is None else np.flatnonzero(self.store.never_written(ids))
         steps, counts = np.unique(last[last > 0], return_counts=True)
         for step, n in zip(steps.tolist(), counts.tolist()):  # these copies are stale from now on
             left = self._stored_at[step] - n
@@ -144,6 +151,10 @@ class RecentRows:
         idx = to_device(torch.from_numpy(rows), self.device)
         self.weight.index_copy_(0, idx, to_device(torch.from_numpy(w), self.device))
         self.momentum.index_copy_(0, idx, to_device(torch.from_numpy(u), self.device))
+        if fresh is not None and fresh.size:
+            at, pos = (to_device(torch.from_numpy(a[fresh]), self.device) for a in (rows, first))
+            self.weight.index_copy_(0, at, init.index_select(0, pos))
+            self.momentum.index_fill_(0, at, 0)
         self.valid.index_fill_(0, idx, True)
         self.slot_of_row[rows] = slots
         self.row_of_slot[slots] = rows

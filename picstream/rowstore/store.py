@@ -434,6 +434,16 @@ class RowStore:
             last[fresh] = 0
         return w, u, last
 
+    def never_written(self, ids) -> np.ndarray:
+        """Which of rows ``ids`` were never written (``last_step`` still the fill value −1): rows no
+        run has trained yet, since no row reaches the store before its first visit."""
+        ids = self._check_ids(ids)
+        out = np.empty(ids.size, bool)
+        with self._cond:
+            for pos, rows in self._resident(ids):
+                out[pos] = self._flat[2][rows] < 0
+        return out
+
     def write(self, ids, w: np.ndarray, u: np.ndarray, last_step) -> None:
         """Store rows ``ids`` (distinct) as ``(w, u)`` valid at step ``last_step``."""
         ids = self._check_ids(ids)
