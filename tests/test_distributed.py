@@ -198,19 +198,24 @@ def test_killed_launcher_stops_every_rank_and_the_same_command_resumes(reference
 def test_feature_init_two_processes_killed_and_resumed_equal_one(reference, shapes_shards, tmp_path):
     """classifier.row_init = feature: a rank's rows start from the features of whichever rank's
     block holds their samples (the gathered batch). A 2-process run killed while writing the step-20
-    checkpoint and resumed from step 10 re-initialises no row twice: it equals the uninterrupted
-    1-process run (to 1e-9, as above), which differs from the random-init one."""
+    checkpoint and resumed from step 10 re-initialises no row twice: bit-identical to the
+    uninterrupted 2-process run, which equals the 1-process one up to float reassociation (the rank
+    split's sum order now enters the rows through the features themselves and grows in this chaotic
+    run: measured 4.6e-9 in the losses, up to 1.4e-6 in a small BatchNorm bias, so the losses to 1e-7
+    here; the first losses agree to 1e-15) and differs from the random-init run."""
     feature = ("classifier.row_init=feature",)
     ok(launch(1, tmp_path / "one", shapes_shards[0], extra=feature))
-    run_dir = tmp_path / "two"
+    ok(launch(2, tmp_path / "two", shapes_shards[0], extra=feature))
+    run_dir = tmp_path / "killed"
     killed = launch(2, run_dir, shapes_shards[0], ("kill@1", "rename:*part-1-of-2.pt:2"), tmp_path / "io.log",
                     extra=feature)
     assert killed.returncode != 0
     resumed = launch(2, run_dir, shapes_shards[0], extra=feature)
     ok(resumed)
     assert "at step 10" in resumed.stderr
-    one = final_state(tmp_path / "one")
-    assert_same(one, final_state(run_dir), rtol=1e-9)
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert_same(two, final_state(run_dir), rtol=0)
+    np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-7, atol=0)
     assert one["loss"][0] != reference[1]["loss"][0]
 
 
