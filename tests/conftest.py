@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,18 @@ def require(module: str):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"{module} is not installed (see the extras in pyproject.toml)")
+
+
+@pytest.fixture(autouse=True)
+def _own_temp_dir(tmp_path_factory, monkeypatch):
+    """Each test's temporary files (the row stores, caches and plan scratch that picstream keeps in the
+    temp dir, its own and its subprocesses') go to a directory removed after the test: a process a test
+    kills cannot clean up after itself, and a whole suite of such leftovers fills a CI machine's /tmp."""
+    path = tempfile.mkdtemp(prefix="t", dir=tmp_path_factory.getbasetemp())
+    monkeypatch.setenv("TMPDIR", path)
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    yield
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _extract(archive: Path, dest: Path) -> Path:

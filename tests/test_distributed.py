@@ -10,6 +10,7 @@ after a sleep.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_dirs(shapes_shards, tmp_path_factory) -> dict:
+def reference_dirs(shapes_shards, tmp_path_factory):
     """Uninterrupted runs with 1 and 2 processes: their run directories. The 2-process one writes evicted
     rows back synchronously (``classifier.overlap=off``, the oracle), so every 2-process run compared
     with it bit for bit (overlap ``auto``: on) also checks that the deferred write-back changes nothing."""
@@ -110,7 +111,9 @@ def reference_dirs(shapes_shards, tmp_path_factory) -> dict:
     for procs in (1, 2):
         dirs[procs] = tmp_path_factory.mktemp(f"ref{procs}")
         ok(launch(procs, dirs[procs], shapes_shards[0], extra=("classifier.overlap=off",) if procs == 2 else ()))
-    return dirs
+    yield dirs
+    for run_dir in dirs.values():  # ten checkpoints each: gone with the module
+        shutil.rmtree(run_dir)
 
 
 @pytest.fixture(scope="module")

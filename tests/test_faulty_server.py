@@ -135,10 +135,11 @@ def train(run_dir: Path, manifest: str, *extra: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def local_losses(shapes_shards, tmp_path_factory) -> list:
+def local_losses(shapes_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local")
     train(run_dir, str(shapes_shards[0]))
-    return losses(run_dir)
+    yield losses(run_dir)
+    shutil.rmtree(run_dir)  # its checkpoints are large; only the losses are compared
 
 
 def assert_retries_match(served: list[tuple[str, str]], last: dict) -> None:
