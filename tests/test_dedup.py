@@ -42,6 +42,14 @@ def oracle(items: list[Item], mode: str, threshold: int, with_eval: bool) -> lis
             if it.src is None and (first.src is not None or mode != "none"):
                 out.append(Removal(it.g, "duplicate" if first.src is None else f"contaminates {first.src}",
                                    "identical bytes" if it.file == first.file else "identical pixels", first.name))
+    if mode == "near":  # of equal perceptual hashes the first is searched, the others are its copies
+        firsts = []
+        for _, group in itertools.groupby(sorted(survivors, key=lambda it: (it.phash, it.rank)), lambda it: it.phash):
+            first, *rest = group
+            firsts.append(first)
+            out += [Removal(it.g, "near-duplicate" if first.src is None else f"contaminates {first.src}",
+                            "hamming 0", first.name) for it in rest if it.src is None]
+        survivors = firsts
     if mode == "near" or with_eval:
         for j in survivors:
             if j.src is not None:
@@ -62,6 +70,7 @@ def test_removals_match_the_brute_force_oracle(mode, n_eval, tmp_path, monkeypat
     monkeypatch.setattr(P, "FAN_IN", 3)
     monkeypatch.setattr(D, "BATCH", 16)
     monkeypatch.setattr(D, "BLOCK", 2)  # buckets compared in several row and column blocks
+    monkeypatch.setattr(D, "MEM_BLOCKS", 3)  # and most row blocks of a bucket read back from disk
     items = synthetic_items(600, n_eval, seed=len(mode) + n_eval)
     threshold = BANDS - 1  # below BANDS differing bits the band search is exact (pigeonhole)
     got = list(removals(iter(items), mode, threshold, n_eval > 0, str(tmp_path / "scratch")))
