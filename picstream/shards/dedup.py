@@ -8,18 +8,23 @@ higher quality), then the name; of two copies the higher-ranked one is kept.
 1. exact: sort by pixel hash; in each group of identical pixels the first item is kept. The others are
    `duplicate` (same bytes or same pixels), or `contaminates <eval set>` when the first is an
    evaluation image. Only the first item of each group goes on.
-2. near (mode `near`, or any eval set): each item enters BANDS band buckets (bits [8b, 8b+8) of its
-   perceptual hash); two items within `threshold` bits share a bucket whenever they differ in fewer
-   than BANDS bits (pigeonhole), and almost always at BANDS bits or more (measured in
-   benchmarks/README.md). In each bucket every training item is compared with the higher-ranked ones;
-   the highest-ranked match within the threshold, over all buckets, is what it is removed for:
-   `near-duplicate`, or `contaminates <eval set>` (evaluation images outrank every training input).
-   Without mode `near` only evaluation images are matched.
+2. equal perceptual hashes (mode `near`): sort by hash; in each group the first goes on, the other
+   training items are removed for it (`near-duplicate` or `contaminates`, hamming 0), so a bucket
+   never holds two equal hashes (many all-black images cost a sort, not pairwise compares).
+3. near (mode `near`, or any eval set): each item enters BANDS band buckets (bits [16b, 16b+16) of its
+   128-bit perceptual hash, an Entry without the pixel and file hashes); two items within `threshold`
+   bits share a bucket whenever they differ in fewer than BANDS bits (pigeonhole), and for copies
+   almost always up to the default threshold (the low-frequency bands stay equal; measured in
+   benchmarks/README.md). In each bucket, streamed in rank order BLOCK items at a time, every training
+   item is compared with the higher-ranked ones; the highest-ranked match within the threshold, over
+   all buckets, is what it is removed for: `near-duplicate`, or `contaminates <eval set>` (evaluation
+   images outrank every training input). Without mode `near` only evaluation images are matched.
 
 A removed input names the item it matches, which is kept or itself removed with its own match (a chain
-of ever higher rank ending at a kept input or an eval image). Memory: at most two sorts fill a buffer
-(RUN items) while one or two merge (plan.FAN_IN x BATCH items each), plus the largest bucket (one band
-value: about N / 256 survivors for uniform hashes).
+of ever higher rank ending at a kept input or an eval image). Memory, independent of N and of the
+bucket sizes: at most two sorts fill a buffer (RUN items) while one or two merge (plan.FAN_IN x BATCH
+items each), plus one bucket's MEM_BLOCKS x BLOCK rows (the rest of a larger bucket is spilled and read
+back a block at a time) and one BLOCK x BLOCK tile of distances.
 """
 from __future__ import annotations
 
@@ -34,13 +39,14 @@ import numpy as np
 from .plan import ExternalSort
 
 MODES = ("exact", "near", "none")
-DEFAULT_THRESHOLD = 8
-BANDS = 8  # 8-bit bands of the 64-bit perceptual hash
+DEFAULT_THRESHOLD = 24  # of the 128 bits
+BANDS, BAND_BITS = 8, 16  # the bands of the 128-bit perceptual hash
 BLOCK = 1024  # bucket items compared at once (BLOCK x BLOCK distances in memory)
 MEM_BLOCKS = 16  # row blocks of a bucket held in memory; a larger bucket's others are spilled to disk
 RUN = 16384  # items per spilled run of each sort (at most two fill a buffer while two merge)
 BATCH = 256  # items per pickled batch (a merge holds FAN_IN batches)
 _TOP = (1 << 63) - 1
+_WORD = (1 << 64) - 1
 
 
 class Item(NamedTuple):
@@ -88,7 +94,7 @@ def removals(items: Iterable[Item], mode: str, threshold: int, with_eval: bool, 
         same = sort("phash") if mode == "near" else None
         for it in items:
             groups.add(it.pixels + it.rank, it)
-        survivor = ((lambda it: same.add(it.phash.to_bytes(8, "big") + it.rank, it)) if same is not None
+        survivor = ((lambda it: same.add(it.phash.to_bytes(16, "big") + it.rank, it)) if same is not None
                     else (lambda it: _add_bands(bands, it)) if bands is not None else None)
         stages = [_exact(groups, mode, survivor)]
         if same is not None:
@@ -107,8 +113,8 @@ def _add_bands(bands: ExternalSort, it: Item) -> None:
     """Enter `it` into its BANDS band buckets, as an Entry."""
     entry = Entry(it.rank, it.g, it.name, it.src, it.phash)
     for b in range(BANDS):
-        v = (it.phash >> (8 * b)) & 255
-        bands.add(bytes([b, v]) + it.rank, (b, v, entry))
+        v = (it.phash >> (BAND_BITS * b)) & ((1 << BAND_BITS) - 1)
+        bands.add(bytes([b]) + v.to_bytes(BAND_BITS // 8, "big") + it.rank, (b, v, entry))
 
 
 def _exact(groups: ExternalSort, mode: str, survivor) -> Iterator[Removal]:
@@ -192,7 +198,7 @@ def bucket_matches(entries: Iterable[Entry], train_pairs: bool, threshold: int,
         for block in iter(lambda: list(itertools.islice(entries, BLOCK)), []):
             pos = np.arange(start, start + len(block))
             start += len(block)
-            hashes = np.array([e.phash for e in block], dtype=np.uint64)
+            hashes = np.array([(e.phash >> 64, e.phash & _WORD) for e in block], dtype=np.uint64)
             is_eval = np.array([e.src is not None for e in block])
             keep = np.ones(len(block), bool) if train_pairs else is_eval
             if keep.any():
@@ -201,7 +207,7 @@ def bucket_matches(entries: Iterable[Entry], train_pairs: bool, threshold: int,
             best = np.full(len(cols), -1)  # the first match of each column (row order = rank order)
             found = [None] * len(cols)
             for rpos, rhash, rentries in rows.blocks() if len(cols) else ():
-                dist = np.bitwise_count(rhash[:, None] ^ hashes[None, cols])  # (rows, cols)
+                dist = sum(np.bitwise_count(rhash[:, None, w] ^ hashes[None, cols, w]) for w in range(2))
                 ok = (dist <= threshold) & (rpos[:, None] < pos[None, cols])
                 first = ok.argmax(axis=0)
                 for c in np.flatnonzero(ok.any(axis=0) & (best < 0)):
