@@ -11,6 +11,7 @@
 4. The near search at N = 1e9, analytically (uniform hashes): bucket size, pair checks, chance pairs
    within the threshold, what one bucket holds in memory; the former design (64-bit hash, 8 bands of
    8 bits, whole bucket held) beside the present one.
+5. `--adversarial`: peak RSS when all N inputs fall into one band bucket, half of them with one hash.
 """
 from __future__ import annotations
 
@@ -58,22 +59,32 @@ def synthetic_items(n: int):
                    pixels[:8], pixels, h)
 
 
-def child_memory(n: int, tmp: str) -> dict:
+def adversarial_items(n: int):
+    """N hashed inputs in one band bucket: half of them one perceptual hash (as blank images have),
+    half random hashes whose band 0 is that hash's; all pictures distinct."""
+    rng = np.random.default_rng(0)
+    for g in range(n):
+        h = 0 if g % 2 == 0 else int.from_bytes(rng.bytes(PHASH_BITS // 8), "big") >> D.BAND_BITS << D.BAND_BITS
+        yield Item(rank_key(False, 1000, True, 5000, f"{g:012d}.jpg", g), g, f"{g:012d}.jpg", None,
+                   g.to_bytes(8, "big"), g.to_bytes(16, "big"), h)
+
+
+def child_memory(n: int, tmp: str, items=synthetic_items) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = _status("VmRSS")
     t0 = time.perf_counter()
     reasons: dict = {}
-    for r in removals(synthetic_items(n), "near", DEFAULT_THRESHOLD, False, os.path.join(tmp, f"d{n}")):
+    for r in removals(items(n), "near", DEFAULT_THRESHOLD, False, os.path.join(tmp, f"d{n}")):
         reasons[r.reason] = reasons.get(r.reason, 0) + 1
     return dict(n=n, seconds=time.perf_counter() - t0, peak_mb=_status("VmHWM"), start_mb=start, reasons=reasons)
 
 
-def memory_rows(sizes: list[int], tmp: str) -> list[dict]:
+def memory_rows(sizes: list[int], tmp: str, kind: str = "uniform") -> list[dict]:
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), tmp], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), tmp, kind], capture_output=True,
+                             text=True, check=True)
         rows.append(json.loads(out.stdout.splitlines()[-1]))
         r = rows[-1]
         print(f"| {n:.0e} | {r['seconds']:.1f} | {1e6 * r['seconds'] / n:.1f} | {r['peak_mb']:.0f} | "
@@ -170,10 +181,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI size: N = 1e4, 1e5; 200 images")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
                     help="N of the memory rows (default 1e5 1e6; --quick: 1e4 1e5)")
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--adversarial", type=int, nargs="*", metavar="N",
+                    help="only the memory rows of one adversarial bucket of N inputs (default 2e4 1e5)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child_memory(int(args.child[0]), args.child[1])))
+        items = adversarial_items if args.child[2] == "adversarial" else synthetic_items
+        print(json.dumps(child_memory(int(args.child[0]), args.child[1], items)))
+        return
+    if args.adversarial is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("| N in one bucket (half one hash) | s | µs/input | peak RSS MB | removed |\n|---:|---:|---:|---:|---|")
+            memory_rows(args.adversarial or [20_000, 100_000], tmp, "adversarial")
         return
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
     analytic()
