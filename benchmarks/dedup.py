@@ -8,11 +8,16 @@
    process (VmHWM reset after imports): flat in N.
 3. Precision / recall per transformation at the default threshold (picstream.copies) on ImageNet and
    CIFAR-10 originals among distinct images.
+4. The near search at N = 1e9, analytically (uniform hashes): bucket size, pair checks, chance pairs
+   within the threshold, what one bucket holds in memory; the former design (64-bit hash, 8 bands of
+   8 bits, whole bucket held) beside the present one.
+5. `--adversarial`: peak RSS when all N inputs fall into one band bucket, half of them with one hash.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from picstream.shards import dedup as D  # noqa: E402
 from picstream.shards.dedup import DEFAULT_THRESHOLD, Item, rank_key, removals  # noqa: E402
+from picstream.shards.hashing import PHASH_BITS  # noqa: E402
 
 DATA = Path(os.environ.get("PICSTREAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -38,13 +45,13 @@ def _status(key: str) -> float:
 
 
 def synthetic_items(n: int):
-    """N hashed inputs: random pictures and hashes; input 10k + 1 repeats input 10k's picture, input
-    10k + 2 is a near copy of it (3 bits apart)."""
+    """N hashed inputs: random pictures and uniform PHASH_BITS-bit hashes; input 10k + 1 repeats input
+    10k's picture, input 10k + 2 is a near copy of it (3 bits apart)."""
     rng = np.random.default_rng(0)
     for g in range(n):
         base = g - g % 10 if g % 10 in (1, 2) else g
         if g % 10 == 0 or base == g:
-            h = int(rng.integers(0, 2**63, dtype=np.int64))
+            h = int.from_bytes(rng.bytes(PHASH_BITS // 8), "big")
             first = h
         h = first ^ 0b1011 if g % 10 == 2 else first
         pixels = (base if g % 10 != 2 else g).to_bytes(16, "big")
@@ -52,27 +59,60 @@ def synthetic_items(n: int):
                    pixels[:8], pixels, h)
 
 
-def child_memory(n: int, tmp: str) -> dict:
+def adversarial_items(n: int):
+    """N hashed inputs in one band bucket: half of them one perceptual hash (as blank images have),
+    half random hashes whose band 0 is that hash's; all pictures distinct."""
+    rng = np.random.default_rng(0)
+    for g in range(n):
+        h = 0 if g % 2 == 0 else int.from_bytes(rng.bytes(PHASH_BITS // 8), "big") >> D.BAND_BITS << D.BAND_BITS
+        yield Item(rank_key(False, 1000, True, 5000, f"{g:012d}.jpg", g), g, f"{g:012d}.jpg", None,
+                   g.to_bytes(8, "big"), g.to_bytes(16, "big"), h)
+
+
+def child_memory(n: int, tmp: str, items=synthetic_items) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = _status("VmRSS")
     t0 = time.perf_counter()
     reasons: dict = {}
-    for r in removals(synthetic_items(n), "near", DEFAULT_THRESHOLD, False, os.path.join(tmp, f"d{n}")):
+    for r in removals(items(n), "near", DEFAULT_THRESHOLD, False, os.path.join(tmp, f"d{n}")):
         reasons[r.reason] = reasons.get(r.reason, 0) + 1
     return dict(n=n, seconds=time.perf_counter() - t0, peak_mb=_status("VmHWM"), start_mb=start, reasons=reasons)
 
 
-def memory_rows(sizes: list[int], tmp: str) -> list[dict]:
+def memory_rows(sizes: list[int], tmp: str, kind: str = "uniform") -> list[dict]:
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), tmp], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), tmp, kind], capture_output=True,
+                             text=True, check=True)
         rows.append(json.loads(out.stdout.splitlines()[-1]))
         r = rows[-1]
         print(f"| {n:.0e} | {r['seconds']:.1f} | {1e6 * r['seconds'] / n:.1f} | {r['peak_mb']:.0f} | "
               f"{r['reasons']} |", flush=True)
     return rows
+
+
+def analytic(n: float = 1e9) -> list[dict]:
+    """The near search over n survivors with uniform hashes: former and present design."""
+    designs = [("former: 64-bit hash, 8 bands x 8 bits, whole bucket of Items held", 64, 8, 8, 8, None),
+               (f"present: {PHASH_BITS}-bit hash, {D.BANDS} bands x {D.BAND_BITS} bits, streamed blocks",
+                PHASH_BITS, D.BANDS, D.BAND_BITS, DEFAULT_THRESHOLD, D.MEM_BLOCKS * D.BLOCK)]
+    print(f"\n| near search at N = {n:.0e} | threshold | bucket | pair checks | chance pairs | bucket memory |\n"
+          "|---|---:|---:|---:|---:|---|")
+    rows = []
+    for what, bits, bands, width, t, held in designs:
+        bucket = n / 2 ** width
+        checks = bands * 2 ** width * bucket * (bucket - 1) / 2
+        chance = n * (n - 1) / 2 * sum(math.comb(bits, k) for k in range(t + 1)) / 2 ** bits
+        memory = (f"~{bucket * ITEM_BYTES / 1e9:.1f} GB, grows with N" if held is None else
+                  f"{held} rows + {D.BLOCK}x{D.BLOCK} tile: ~{(held * ENTRY_BYTES + D.BLOCK ** 2 * 9) / 1e6:.0f} MB")
+        print(f"| {what} | {t} | {bucket:.3g} | {checks:.2g} | {chance:.2g} | {memory} |")
+        rows.append(dict(design=what, bucket=bucket, checks=checks, chance=chance))
+    return rows
+
+
+ITEM_BYTES = 460  # a former bucket's Item (ImageNet-like name) and its list slot, by sys.getsizeof
+ENTRY_BYTES = 380  # an Entry, its hash words and bucket position, by sys.getsizeof
 
 
 def throughput(images: list[Path], tmp: Path) -> dict:
@@ -141,12 +181,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI size: N = 1e4, 1e5; 200 images")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
                     help="N of the memory rows (default 1e5 1e6; --quick: 1e4 1e5)")
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--adversarial", type=int, nargs="*", metavar="N",
+                    help="only the memory rows of one adversarial bucket of N inputs (default 2e4 1e5)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child_memory(int(args.child[0]), args.child[1])))
+        items = adversarial_items if args.child[2] == "adversarial" else synthetic_items
+        print(json.dumps(child_memory(int(args.child[0]), args.child[1], items)))
+        return
+    if args.adversarial is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            print("| N in one bucket (half one hash) | s | µs/input | peak RSS MB | removed |\n|---:|---:|---:|---:|---|")
+            memory_rows(args.adversarial or [20_000, 100_000], tmp, "adversarial")
         return
     sizes = args.sizes or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
+    analytic()
     n_images = 200 if args.quick else 1000
     with tempfile.TemporaryDirectory() as tmp:
         print("| N (synthetic hashes, --dedup near) | s | µs/input | peak RSS MB | removed |\n"

@@ -2,7 +2,9 @@
 known copies: precision and recall per transformation, the eval sets, the phases on Dask, re-runs."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from picstream.copies import TRANSFORMS, score, write_copies
 from picstream.shards import ShardSet, make_shards
 from picstream.shards.build import plan_shards
 from picstream.shards.finalize import finalize
+from picstream.shards.hashing import HASH_PREFIX
 from picstream.shards.hygiene import Hygiene
 from picstream.shards.pack import pack
 
@@ -139,6 +142,21 @@ def test_plan_resumes_from_its_hash_files(leaky, tmp_path):
     kept = {p: p.stat().st_mtime_ns for p in hashes[2:]}
     phased(root / "train", out, hygiene=hygiene)
     assert {p: p.stat().st_mtime_ns for p in hashes[2:]} == kept and hashes[1].exists()
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+
+
+def test_hash_files_of_the_former_hash_are_not_read(leaky, tmp_path):
+    root, _ = leaky
+    hygiene = Hygiene("near", evals=(str(root / "eval"),))
+    phased(root / "train", tmp_path / "a", hygiene=hygiene)
+    out = tmp_path / "b"
+    plan_shards(root / "train", out, shard_size=SIZE, seed=3, spare=1.0, hygiene=hygiene)
+    (out / "plan" / "plan.json").unlink()  # as if a plan of the former 64-bit hash had been killed
+    for path in (out / "plan").glob(HASH_PREFIX + "*"):
+        records = [h and dataclasses.replace(h, phash=0) for h in pickle.loads(path.read_bytes())]
+        (out / "plan" / ("hashes-" + path.name[len(HASH_PREFIX):])).write_bytes(pickle.dumps(records))
+        path.unlink()  # if read, these records would make every input a copy of every other
+    phased(root / "train", out, hygiene=hygiene)
     assert (tmp_path / "a" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
 

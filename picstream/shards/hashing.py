@@ -2,12 +2,15 @@
 computes them for the inputs of one plan list file (run as local processes or Dask tasks, like pack).
 
 Per valid image: `file` (xxh3-64 of the file), `pixels` (xxh3-128 of the size and the decoded RGB
-pixels after EXIF orientation: equal for the same picture under any lossless encoding), `phash` (64-bit
-perceptual hash) and the area, format and size that choose which copy is kept. The perceptual hash is a pHash made
-blind to horizontal flips (the trainer's augmentation flips, so an image and its mirror are one
-instance): the grayscale 32x32 thumbnail's 2-D DCT, the 64 coefficients with an even horizontal
-frequency (u = 0, 2, ..., 14; v = 0..7: the ones a mirror leaves unchanged), one bit each for "above
-their median". An input that cannot be decoded gets no hash (pack then skips it with its reason).
+pixels after EXIF orientation: equal for the same picture under any lossless encoding), `phash`
+(PHASH_BITS = 128-bit perceptual hash) and the area, format and size that choose which copy is kept. The
+perceptual hash is a pHash made blind to horizontal flips (the trainer's augmentation flips, so an image
+and its mirror are one instance): the grayscale 64x64 thumbnail's 2-D DCT, the 128 coefficients with
+v = 0..15 and an even horizontal frequency u = 0, 2, ..., 14 (the ones a mirror leaves unchanged), one
+bit each for "above their median"; bit 127 - k is coefficient k's (v-major), so a 16-bit band of the
+hash is two rows v. An input that cannot be decoded gets no hash (pack then skips it with its reason).
+The hash files are named after the hash (HASH_PREFIX): those of the former 64-bit hash are never read
+as these, a re-run of the plan computes them anew.
 """
 from __future__ import annotations
 
@@ -24,15 +27,17 @@ from .convert import JPEG_FORMATS, ORIENTATION_TAG, _decode, _open, to_rgb
 from .plan import output_op, plan_path
 from .sources import read_sample
 
-THUMB = 32  # side of the grayscale thumbnail the perceptual hash is computed from
-HASH_PREFIX = "hashes-"  # plan/hashes-<list file>: one record (or None) per input of that list
+THUMB = 64  # side of the grayscale thumbnail the perceptual hash is computed from
+ROWS = 16  # its vertical frequencies v = 0..ROWS-1 (horizontal: u = 0, 2, ..., 14)
+PHASH_BITS = ROWS * 8
+HASH_PREFIX = "hashes-p128-"  # plan/hashes-p128-<list file>: one record (or None) per input of that list
 
 
 @dataclass(frozen=True)
 class ImageHash:
     file: bytes  # xxh3-64 of the file
     pixels: bytes  # xxh3-128 of (width, height, RGB pixels)
-    phash: int  # 64-bit, flip-blind
+    phash: int  # PHASH_BITS bits, flip-blind
     area: int  # width * height
     jpeg: bool  # a JPEG file (pack stores it as it is; other formats are re-encoded)
     size: int  # file bytes
@@ -46,14 +51,12 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 _DCT = _dct_matrix(THUMB)
-_BITS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
 
 
 def perceptual_hash(gray: np.ndarray) -> int:
     """The flip-blind pHash of a THUMB x THUMB grayscale array (float)."""
-    coeffs = (_DCT @ gray @ _DCT.T)[:8, 0:16:2].ravel()  # rows v = 0..7, even columns u = 0..14
-    bits = coeffs > np.median(coeffs)
-    return int(np.sum(_BITS[bits], dtype=np.uint64))
+    coeffs = (_DCT[:ROWS] @ gray @ _DCT[0:16:2].T).ravel()  # rows v = 0..15, even columns u = 0..14
+    return int.from_bytes(np.packbits(coeffs > np.median(coeffs)).tobytes(), "big")
 
 
 def image_hash(data: bytes) -> ImageHash | None:
