@@ -399,6 +399,9 @@ class NoRows(MultiViewLoss):
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch."""
 
+    def read_ahead(self, next_ids) -> None:
+        """Nothing to read ahead."""
+
     def device_bytes(self) -> int:
         return 0
 
