@@ -227,6 +227,7 @@ class RecentClassifier(MultiViewLoss):
     def retire_other_parts(self) -> None:
         """Retire the store's parts of other world sizes (shared among the ranks): no checkpoint of
         another world size can then be resumed onto rows this world has changed."""
+        self.rows.write_pending()
         for i, part in enumerate(self.store.other_parts()):
             if i % self.world.size == self.world.rank:
                 store = self._open_part(part)
