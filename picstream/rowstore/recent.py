@@ -47,9 +47,9 @@ class RecentRows:
         self.store, self.log, self.capacity = store, log, int(capacity)
         self.overlap = overlap
         self._pending: tuple | None = None  # (ids, HostCopy w, HostCopy u, step) not yet in the store
-        self._read_ahead = ReadAhead()
         self.reads: Counter[str] = Counter()  # admissions that fetched rows: read "ahead" or "here"
         self.device, self.dtype, self.correction = torch.device(device), dtype, correction
+        self._read_ahead = ReadAhead(self.device)
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         if self._np_dtype != store.dtype:
             raise ValueError(f"device dtype {dtype} differs from the store's {store.dtype}")
