@@ -4,6 +4,8 @@ row), a wrong read-ahead hint falls back to the synchronous read, a failed read-
 the next admission, and ``auto`` turns overlap on after its self-check."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -27,16 +29,23 @@ def run(tmp_path, overlap: str, stream: str = "random"):
     IDs for read-ahead: a ``random`` stream (re-admitting rows evicted the step before; hinted
     through the classifier) or the ``scheduler``'s (hinted by ``Trainer.prefetch_rows``, as in the
     training loop). (losses, model state, resident rows, log, every stored row after a commit,
-    deferred?, reads, steps whose read ahead brought back rows evicted the step before)."""
+    whether each store write ran on the main thread, reads, steps whose read ahead brought back
+    rows evicted the step before)."""
     config = load_config(None, CONFIG + [f"run.output_dir={tmp_path / overlap / stream}",
                                          f"classifier.overlap={overlap}"])
     trainer = Trainer(config, show_progress=False, num_instances=N)
-    rows = trainer.classifier.rows
+    rows, store = trainer.classifier.rows, trainer.classifier.store
+    on_main, write = [], store.write
+
+    def recorded_write(*args):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        write(*args)
+    store.write = recorded_write
     gen = torch.Generator().manual_seed(0)
     random = np.random.default_rng(0)
     batches = ([random.choice(N, B, replace=False) for _ in range(STEPS + 1)] if stream == "random" else
                [trainer.scheduler.ids_at(step * B, (step + 1) * B) for step in range(STEPS + 1)])
-    losses, deferred, returning = [], [], []
+    losses, returning, evicted = [], [], set()
     for step in range(STEPS):
         if stream == "random":
             trainer.classifier.read_ahead(batches[step + 1])
@@ -46,21 +55,21 @@ def run(tmp_path, overlap: str, stream: str = "random"):
         crop = torch.randint(0, 256, (B, 3, 8, 8), dtype=torch.uint8, generator=gen)
         before, ahead = set(rows._slot_of), rows.reads["ahead"]
         losses.append(trainer.train_step(step, images, torch.from_numpy(batches[step]), [crop])["loss"])
-        deferred.append(rows._pending is not None or rows._read_ahead._job is not None)
-        if rows.reads["ahead"] > ahead and set(batches[step]) & (before - set(batches[step - 1])):
+        if rows.reads["ahead"] > ahead and evicted & set(batches[step].tolist()):
             returning.append(step)
+        evicted = before - set(rows._slot_of)       # by this step's admission
     state = trainer.classifier.commit_state()
     stored = trainer.classifier.store.read(np.arange(N))
     model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.close()
-    return (torch.stack(losses), model, state["rows"], state["log"], stored, deferred, rows.reads,
+    return (torch.stack(losses), model, state["rows"], state["log"], stored, on_main, rows.reads,
             returning)
 
 
 @pytest.mark.parametrize("stream", ["random", "scheduler"])
 def test_overlap_on_equals_off_bit_for_bit(tmp_path, stream):
     on, off = run(tmp_path, "on", stream), run(tmp_path, "off", stream)
-    assert all(on[5][2:]) and not any(off[5])      # on: every evicting step left its write for later
+    assert on[5] and not any(on[5]) and all(off[5])  # on: every write left for the background thread
     assert on[6] == {"ahead": STEPS - 1, "here": 1}  # every admission after the first read ahead
     assert off[6]["here"] == STEPS and "ahead" not in off[6]
     if stream == "random":
