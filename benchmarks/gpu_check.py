@@ -2,8 +2,9 @@
 
   1. environment: device, memory, torch / CUDA / cuDNN versions, CPU cores; then, before anything
      is timed, the overlap check: the same steps (50; ResNet-50, batch 256, K = 4 batches so every
-     step evicts) with ``classifier.overlap`` off and on from the same start, in deterministic
-     mode, must give bit-identical losses, resident rows, transition log and stored rows (when
+     step evicts) with ``classifier.overlap`` off and on (deferred write-back, and the rows of each
+     next step read ahead in a background thread: ``Trainer.prefetch_rows`` names them) from the
+     same start, in deterministic mode, must give bit-identical losses, resident rows, transition log and stored rows (when
      they differ, off runs again: is the device itself not repeating?). Its verdict is in the
      table; unless it is ``identical``, the overlap rows of section 2 are marked invalid and
      sections 3-5 train with ``classifier.overlap = off``;
@@ -398,6 +399,9 @@ class NoRows(MultiViewLoss):
 
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch."""
+
+    def read_ahead(self, next_ids) -> None:
+        """Nothing to read ahead."""
 
     def device_bytes(self) -> int:
         return 0

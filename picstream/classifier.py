@@ -7,6 +7,10 @@
     loss.backward()
     clf.step(lr)                              # SGD on the rows; the backbone has its own optimiser
 
+``read_ahead(next_ids)`` before a step names the next step's global batch (a hint, from the
+schedule): with ``overlap`` the recent classifier then reads those rows from its store in the
+background right after this step's admission (:meth:`RecentRows.read_ahead`).
+
 ``loss`` is built from ``logits`` (admission), ``view_logits`` (another view, the same rows) and
 ``cross_entropy``. In a distributed run (``world``), ``z`` and ``ids`` are this rank's block of the
 global batch: the features are all-gathered, every rank admits the global batch's IDs into the same
@@ -77,6 +81,8 @@ class InstanceClassifier(PartitionedState, Protocol):
 
     def prefetch(self, start: int, stop: int) -> None: ...
 
+    def read_ahead(self, next_ids) -> None: ...
+
     def min_row_norm(self) -> float: ...
 
     def device_bytes(self) -> int: ...
@@ -114,6 +120,7 @@ class RecentClassifier(MultiViewLoss):
         self.rows = RecentRows(store, self.log, capacity, device, dtype, correction, compact_min_steps,
                                overlap=overlap)
         self._leaf: torch.Tensor | None = None
+        self._next_ids = None  # the next batch's IDs, read ahead after this step's admission
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×K logits, targets)``; empty slots are masked with −inf; targets are slot indices.
@@ -123,6 +130,9 @@ class RecentClassifier(MultiViewLoss):
         z = gather_features(z, self.world)
         init = first_visit_rows(z, self.rows.dtype) if self.row_init == "feature" else None
         targets = self.rows.admit(ids, init)
+        if self._next_ids is not None:
+            self.rows.read_ahead(self._next_ids)
+            self._next_ids = None
         self._leaf = self.rows.weight.detach().requires_grad_(True)
         return self._scores(z, self._leaf), targets
 
@@ -161,6 +171,11 @@ class RecentClassifier(MultiViewLoss):
     def prefetch(self, start: int, stop: int) -> None:
         self.store.prefetch(start, stop)
 
+    def read_ahead(self, next_ids) -> None:
+        """The next step's global batch IDs: their rows are read ahead after this step's admission
+        (with ``overlap``; a wrong hint costs only the read)."""
+        self._next_ids = np.asarray(next_ids, dtype=np.int64)
+
     def commit_state(self) -> dict:
         """Commit the row store; returns the device rows, the transition log, and the store's
         identity and the generation just committed (with the last admission's evicted rows)."""
@@ -171,6 +186,7 @@ class RecentClassifier(MultiViewLoss):
 
     def forget_before(self, state: dict) -> None:
         """No checkpoint older than ``state`` will be resumed: drop the store's older undo logs."""
+        self.rows.write_pending()
         self.store.prune(int(state["generation"]))
 
     def _check_store(self, state: dict) -> None:
@@ -211,6 +227,7 @@ class RecentClassifier(MultiViewLoss):
     def retire_other_parts(self) -> None:
         """Retire the store's parts of other world sizes (shared among the ranks): no checkpoint of
         another world size can then be resumed onto rows this world has changed."""
+        self.rows.write_pending()
         for i, part in enumerate(self.store.other_parts()):
             if i % self.world.size == self.world.rank:
                 store = self._open_part(part)
@@ -219,7 +236,7 @@ class RecentClassifier(MultiViewLoss):
 
     def close(self, flush: bool = True) -> None:
         """Release the store (``flush=False``: leave its unflushed rows unwritten)."""
-        self.rows.write_pending()
+        self.rows.close()
         self.store.close(flush)
 
 
@@ -283,6 +300,9 @@ class FullClassifier(MultiViewLoss):
 
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch: every row is resident."""
+
+    def read_ahead(self, next_ids) -> None:
+        """Nothing to read ahead: every row is resident."""
 
     def commit_state(self) -> dict:
         """Every row and its momentum (there is no store to commit)."""
@@ -359,7 +379,8 @@ def build_classifier(num_rows: int, dim: int, *, sampling: str = "recent", capac
     ranks, or per rank when it contains ``{rank}``); ``cache_rows`` is then per rank.
     ``sampling='full'`` is the dense reference over all N rows (one process only).
     ``multi_crop_rows``: which views' gradients reach the rows (:meth:`MultiViewLoss.loss`).
-    ``overlap``: the store write of evicted rows is deferred to the next admission (:class:`RecentRows`).
+    ``overlap``: the store write of evicted rows is deferred to the next admission, and with
+    ``read_ahead`` hints the next admission's store work runs in the background (:class:`RecentRows`).
     ``row_init``: a row's first visit keeps its random initial value (``random``) or starts it from
     its instance's L2-normalised feature of the main view, with momentum 0 (``feature``).
     """

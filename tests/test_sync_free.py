@@ -1,6 +1,7 @@
 """No host sync in a steady-state step: a sync counter (tests/sync_counter.py) around ``train_step``
 for recent and full sampling and multi-crop, on uint8 batches (the accelerator path: colour
-augmentation in the step), every step after the first ones evicting rows."""
+augmentation in the step), every step after the first ones evicting rows, each naming the next
+step's IDs as the training loop does (with overlap on, the rows are read ahead)."""
 from __future__ import annotations
 
 import json
@@ -41,7 +42,8 @@ def device_tensors(trainer: Trainer):
 
 
 def syncs_per_step(tmp_path, *extra) -> list[Counter]:
-    """The syncs of each steady-state step (this rank's block of each global batch under torchrun)."""
+    """The syncs of each steady-state step (this rank's block of each global batch under torchrun);
+    with overlap on, every admission after the first must have used the rows read ahead."""
     config = load_config(None, CONFIG + [f"run.output_dir={tmp_path}", *extra])
     trainer = Trainer(config, show_progress=False, num_instances=N)
     block = slice(trainer.world.rank * B // trainer.world.size, (trainer.world.rank + 1) * B // trainer.world.size)
@@ -49,14 +51,18 @@ def syncs_per_step(tmp_path, *extra) -> list[Counter]:
     gen = torch.Generator().manual_seed(0)
     order = np.random.default_rng(0).permutation(N)
     counts = []
+    batch = lambda step: order[(step * B) % N:(step * B) % N + B]  # noqa: E731
     for step in range(WARMUP + STEPS):
-        ids = torch.from_numpy(order[(step * B) % N:(step * B) % N + B])
+        ids = torch.from_numpy(batch(step))
+        trainer.classifier.read_ahead(batch(step + 1))   # the loop's prefetch_rows
         images = torch.randint(0, 256, (B, 3, 16, 16), dtype=torch.uint8, generator=gen)
         extra_crops = [torch.randint(0, 256, (B, 3, int(c[0]), int(c[0])), dtype=torch.uint8, generator=gen)
                        for c in crops for _ in range(int(c[1]))]
         with SyncCounter(device_tensors(trainer), host_generators=[trainer._augment_rng]) as n:
             trainer.train_step(step, images[block], ids[block], [x[block] for x in extra_crops])
         counts.append(n)
+    rows = getattr(trainer.classifier, "rows", None)
+    assert rows is None or not rows.overlap or rows.reads["here"] <= 1, rows.reads
     trainer.close()
     return counts[WARMUP:]
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..transfer import HostCopy, to_device
+from .readahead import ReadAhead
 from .store import RowStore
 from .transitions import TransitionLog
 
@@ -26,6 +27,14 @@ class RecentRows:
     :meth:`write_pending`). The rows, the store and the transition log are then bit-identical to the
     synchronous path's; only the time of the store write moves, by at most one admission.
 
+    With ``overlap``, ``read_ahead(next_ids)`` right after an admission moves the next admission's
+    store work to a background thread (:class:`ReadAhead`): the deferred write, then the read of the
+    rows ``admit(next_ids)`` would fetch (this process's rows of ``next_ids`` not resident). The next
+    admission uses that read only if it fetches exactly those rows (else it reads the store itself),
+    and brings them forward by the log as the synchronous path does. While the job is in flight only
+    its thread reads or writes the store: every other use of the store waits for it first
+    (``write_pending``), so the store sees the same writes and reads in the same order.
+
     Each rank of a distributed run keeps the same slot table (a function of the global ID stream)
     but holds and updates only the rows of its part of the store (``store.owner``), in a device table
     of its own: ``row_of_slot`` maps a slot to its row there (−1 where another rank holds it). That
@@ -38,7 +47,9 @@ class RecentRows:
         self.store, self.log, self.capacity = store, log, int(capacity)
         self.overlap = overlap
         self._pending: tuple | None = None  # (ids, HostCopy w, HostCopy u, step) not yet in the store
+        self.reads: Counter[str] = Counter()  # admissions that fetched rows: read "ahead" or "here"
         self.device, self.dtype, self.correction = torch.device(device), dtype, correction
+        self._read_ahead = ReadAhead(self.device)
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         if self._np_dtype != store.dtype:
             raise ValueError(f"device dtype {dtype} differs from the store's {store.dtype}")
@@ -79,13 +90,14 @@ class RecentRows:
         its first occurrence in ``ids``, with momentum 0, instead of its stored initial value."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.write_pending()
+        ahead = self._read_ahead.take()
         uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         if uniq.size > self.capacity:
             raise ValueError(f"batch has {uniq.size} distinct ids, more than the {self.capacity} slots")
         slots = np.fromiter((self._slot_of.get(i, -1) for i in uniq.tolist()), np.int64, uniq.size)
         missing = slots < 0
         if missing.any():
-            slots[missing] = self._fill(uniq[missing], slots[~missing], first[missing], init)
+            slots[missing] = self._fill(uniq[missing], slots[~missing], first[missing], init, ahead)
         # visit time = stream position of an id's last occurrence: a strict LRU order, no ties
         last_pos = np.zeros(uniq.size, np.int64)
         np.maximum.at(last_pos, inverse.reshape(-1), np.arange(ids.size))
@@ -94,9 +106,9 @@ class RecentRows:
         return to_device(torch.from_numpy(self.row_of_slot[slots[inverse.reshape(-1)]]), self.device)
 
     def _fill(self, new_ids: np.ndarray, keep: np.ndarray, first: np.ndarray,
-              init: torch.Tensor | None) -> np.ndarray:
+              init: torch.Tensor | None, ahead: tuple | None) -> np.ndarray:
         """Place ``new_ids`` into the least recently visited slots not in ``keep``; returns the slots
-        (``first``: their positions in the batch, for ``init``)."""
+        (``first``: their positions in the batch, for ``init``; ``ahead``: the read-ahead job)."""
         priority = self.last_visit.copy()  # empty slots have −1, so they go first
         priority[keep] = np.iinfo(np.int64).max
         n = new_ids.size
@@ -107,7 +119,7 @@ class RecentRows:
         self._slot_of.update(zip(new_ids.tolist(), free.tolist()))
         mine = self.store.owner(new_ids) == self.store.rank
         if mine.any():
-            self._load(new_ids[mine], free[mine], first[mine], init)
+            self._load(new_ids[mine], free[mine], first[mine], init, ahead)
         return free
 
     def _evict_and_write_back(self, slots: np.ndarray) -> None:
@@ -129,11 +141,14 @@ class RecentRows:
             self.slot_of_row[rows[evict]] = -1
 
     def _load(self, ids: np.ndarray, slots: np.ndarray, first: np.ndarray,
-              init: torch.Tensor | None) -> None:
-        """Read rows from the store, bring them to the current step and put them on the device; the
-        never-written ones start as ``init[first]`` when ``init`` is given."""
-        w, u, last = self.store.read(ids)
-        fresh = None if init is None else np.flatnonzero(self.store.never_written(ids))
+              init: torch.Tensor | None, ahead: tuple | None) -> None:
+        """Read rows from the store (or take the read-ahead's read of exactly them), bring them to
+        the current step and put them on the device; the never-written ones start as ``init[first]``
+        when ``init`` is given."""
+        used = ahead is not None and np.array_equal(ahead[0], ids)
+        self.reads["ahead" if used else "here"] += 1
+        w, u, last, never = ahead[1] if used else self._read(ids, never=init is not None)
+        fresh = None if init is None else np.flatnonzero(never)
         steps, counts = np.unique(last[last > 0], return_counts=True)
         for step, n in zip(steps.tolist(), counts.tolist()):  # these copies are stale from now on
             left = self._stored_at[step] - n
@@ -169,12 +184,48 @@ class RecentRows:
         self.log.append(lr)
         self._compact_log()
 
-    def write_pending(self) -> None:
-        """Write the last admission's evicted rows to the store, if not yet written."""
-        if self._pending is not None:
-            ids, w, u, step = self._pending
-            self._pending = None
+    def _read(self, ids: np.ndarray, never: bool) -> tuple:
+        """``(w, u, last_step, never_written or None)`` of rows ``ids`` from the store."""
+        w, u, last = self.store.read(ids)
+        return w, u, last, self.store.never_written(ids) if never else None
+
+    def _write(self, pending: tuple | None) -> None:
+        """Write evicted rows ``(ids, HostCopy w, HostCopy u, step)`` to the store."""
+        if pending is not None:
+            ids, w, u, step = pending
             self.store.write(ids, w.result().numpy(), u.result().numpy(), step)
+
+    def _write_then_read(self, pending: tuple | None, ids: np.ndarray) -> tuple:
+        """The read-ahead job: the deferred write, then the read of ``ids``."""
+        self._write(pending)
+        return self._read(ids, never=True)
+
+    def read_ahead(self, ids) -> None:
+        """With ``overlap``, called right after an admission: start the store work of ``admit(ids)``
+        as the next admission in the background (the deferred write, then the read of this
+        process's rows of ``ids`` not resident now). Without ``overlap`` it does nothing."""
+        if not self.overlap:
+            return
+        self._read_ahead.drain()
+        uniq = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        new = uniq[np.fromiter((i not in self._slot_of for i in uniq.tolist()), bool, uniq.size)]
+        fetch = new[self.store.owner(new) == self.store.rank]
+        pending, self._pending = self._pending, None
+        self._read_ahead.start(fetch, self._write_then_read, pending, fetch)
+
+    def write_pending(self) -> None:
+        """Write the last admission's evicted rows to the store, if not yet written; first wait
+        for the read-ahead in flight (its error is raised here)."""
+        self._read_ahead.drain()
+        pending, self._pending = self._pending, None
+        self._write(pending)
+
+    def close(self) -> None:
+        """Write the last admission's evicted rows and stop the read-ahead thread."""
+        try:
+            self.write_pending()
+        finally:
+            self._read_ahead.close()
 
     def _compact_log(self) -> None:
         """Fold the log's steps before the oldest stored row's last step once there are at least
@@ -240,6 +291,7 @@ class RecentRows:
 
     def load_state_dict(self, state: dict) -> None:
         self.write_pending()
+        self._read_ahead.take()  # read before the store or the slot table changed: dropped
         self.slot_ids = state["slot_ids"].numpy().astype(np.int64).copy()
         self.last_visit = state["last_visit"].numpy().astype(np.int64).copy()
         if "row_of_slot" in state:
