@@ -13,7 +13,7 @@ PIC's run (epochs = PIC's CPU seconds / the peer's CPU seconds per epoch, measur
 equal-epoch run). PIC is the scale's base run (trained here through `tools/reproduce.py`'s runner,
 or reused when a grid already trained it). k-NN: picstream's (k = 200, τ = 0.07, centre crop) on
 the scale's bank and test split. Results go to `<out>/<scale>/peers/` where the results page reads
-them. `--quick`: SimCLR and PIC for half an epoch at equal epochs only (CI).
+them, and are recorded beside the page (`--records`, picstream.reproduce.records). `--quick`: SimCLR and PIC for half an epoch at equal epochs only (CI).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from torch import nn  # noqa: E402
 from picstream.config import ModelConfig  # noqa: E402
 from picstream.evaluate import extract_splits, knn_classify  # noqa: E402
 from picstream.model import build_backbone  # noqa: E402
-from picstream.reproduce.cli import default_cifar10  # noqa: E402
+from picstream.reproduce.cli import default_cifar10, default_page, records_of  # noqa: E402
+from picstream.reproduce.records import record_files, restore_records  # noqa: E402
 from picstream.reproduce.grids import SCALES, Grid, Variant  # noqa: E402
 from picstream.reproduce.runner import DataSplits, prepare_cifar10, run_variant  # noqa: E402
 from picstream.shards import ShardSet  # noqa: E402
@@ -158,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", type=Path)
     p.add_argument("--val", type=Path)
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    p.add_argument("--records", type=Path, help="where finished runs are recorded (default: beside the scale's "
+                                                "results page, docs/results/runs for cpu)")
     p.add_argument("--quick", action="store_true", help="SimCLR and PIC for half an epoch, equal epochs only (CI)")
     return p
 
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(1)
     scale = SCALES["smoke" if args.quick else args.scale]
+    records = args.records or records_of(default_page(scale.name))
+    restore_records(records, args.out)
     base = dict(o.split("=", 1) for o in scale.base)
     arch, size = base["model.arch"], int(base["data.image_size"])
     if args.train:
@@ -181,7 +186,8 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict[str, list[float]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        pic = run_variant(pic_grid, pic_grid.variants[0], seed, scale, splits, args.out, num_instances, print)
+        pic = run_variant(pic_grid, pic_grid.variants[0], seed, scale, splits, args.out, num_instances, print,
+                          records)
         pic_cpu = pic.get("train_cpu_s") or pic["wall_s"]
         summary.setdefault("pic", []).append(pic["top1"])
         for method in methods:
@@ -198,6 +204,7 @@ def main(argv=None) -> int:
                               "top1": knn_of(backbone, splits, size), "pic_top1": pic["top1"],
                               "pic_cpu_s": pic_cpu}
                     path.write_text(json.dumps(result, indent=2) + "\n")
+                    record_files(records, args.out, path)
                 per_epoch = result["train_cpu_s"] / result["epochs"]
                 summary.setdefault(f"{method} ({budget})", []).append(result["top1"])
                 print(f"{method} seed {seed}, equal {budget}: {result['epochs']:.2f} epochs, "

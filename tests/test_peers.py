@@ -15,7 +15,7 @@ def test_quick_peer_run_beside_pic(tmp_path, shapes_shards):
     require("lightly")
     train, val = shapes_shards
     cmd = [sys.executable, str(SCRIPT), "--quick", "--seeds", "0", "--train", str(train), "--val", str(val),
-           "--out", str(tmp_path)]
+           "--out", str(tmp_path), "--records", str(tmp_path / "records")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
@@ -24,3 +24,6 @@ def test_quick_peer_run_beside_pic(tmp_path, shapes_shards):
     pic = json.loads((tmp_path / "smoke" / "peers" / "pic-s0" / "result.json").read_text())
     assert peer["steps"] == 1 and peer["train_cpu_s"] > 0 and 0 <= peer["top1"] <= 100
     assert pic["top1"] == peer["pic_top1"] and pic["train_cpu_s"] > 0
+    recorded = tmp_path / "records" / "smoke" / "peers"
+    assert json.loads((recorded / "simclr-epochs-s0.json").read_text()) == peer
+    assert json.loads((recorded / "pic-s0" / "result.json").read_text()) == pic

@@ -40,7 +40,7 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     assert [p.parent.name for p in results] == ["cosine-s1", "linear-head-s1", "plain-s1", "weak-aug-s1"]
     for p in results:
         result = json.loads(p.read_text())
-        assert 0 <= result["top1"] <= 100 and Path(result["config"]).exists()
+        assert 0 <= result["top1"] <= 100 and (tmp_path / "runs" / result["config"]).exists()
         assert any("knn_top1" in line for line in (p.parent / "metrics.jsonl").read_text().splitlines())
     text = page.read_text()
     assert "## Table 1: cosine softmax, 2-layer head, strong augmentation" in text
@@ -55,6 +55,17 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     # a second call trains nothing again (every run has its result) and rewrites the same page
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "seed" not in again.stdout.replace("seeds", ""), again.stdout
+    assert page.read_text() == text
+
+    # on another machine (a fresh --out) the runs recorded beside the page are taken, not trained again
+    records = page.parent / "results" / "runs"
+    assert sorted(p.parent.name for p in records.glob("smoke/table1/*/result.json")) == [
+        "cosine-s1", "linear-head-s1", "plain-s1", "weak-aug-s1"]
+    assert not list(records.rglob("*.pt")) and not list(records.rglob("*.zarr"))
+    elsewhere = [*cmd[:cmd.index("--out") + 1], str(tmp_path / "elsewhere"), *cmd[cmd.index("--out") + 2:]]
+    moved = subprocess.run(elsewhere, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0 and "seed" not in moved.stdout.replace("seeds", ""), moved.stdout
+    assert "files of finished runs taken from" in moved.stdout
     assert page.read_text() == text
 
 

@@ -77,9 +77,9 @@ def test_a_run_is_reused_only_with_the_same_settings_data_and_seed(tmp_path):
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("data:\n  train: data/cpu-pretrain/manifest.json\n")
     (run / "result.json").write_text(json.dumps({"settings": {"optim": {"epochs": 20}}, "top1": 35.0,
-                                                 "config": str(run / "config.yaml")}))
+                                                 "config": "cpu/table1/cosine-s0/config.yaml"}))
     same = _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 0, Path("data/cpu-pretrain/manifest.json"))
-    assert same["top1"] == 35.0 and same["same_as"] == str(run)
+    assert same["top1"] == 35.0 and same["same_as"] == "cpu/table1/cosine-s0"
     assert _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 0, Path("data/cpu-pretrain-100pc/manifest.json")) is None
     assert _same_run(tmp_path, scale, {"optim": {"epochs": 5}}, 0, Path("data/cpu-pretrain/manifest.json")) is None
     assert _same_run(tmp_path, scale, {"optim": {"epochs": 20}}, 1, Path("data/cpu-pretrain/manifest.json")) is None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..shards import ShardSet
 from .grids import GRID_NAMES, SCALES, build_grids
+from .records import restore_records
 from .report import write_page
 from .runner import DataSplits, prepare_cifar10, random_init_knn, read_curves, run_variant, slug
 
@@ -44,6 +45,16 @@ def default_cifar10() -> Path:
     return Path(shared) / "cifar10-jpeg.tar.gz"
 
 
+def default_page(scale: str) -> Path:
+    """The results page of a scale."""
+    return Path("docs/results.md" if scale == "cpu" else f"docs/results-{scale}.md")
+
+
+def records_of(page: Path) -> Path:
+    """Where the finished runs shown on ``page`` are recorded (:mod:`.records`): beside its plots."""
+    return page.parent / page.stem / "runs"
+
+
 def _data(args, scale) -> DataSplits:
     given = [args.train, args.bank, args.val]
     if any(given):
@@ -70,8 +81,9 @@ def _collect(grid, scale, out: Path, batch: int, num_instances: int):
     for v in grid.variants:
         found = sorted(out.glob(f"{scale.name}/{grid.name}/{slug(v.name)}-s*/result.json"))
         pairs = sorted(((json.loads(p.read_text()), p.parent) for p in found), key=lambda rp: rp[0]["seed"])
-        results[v.name] = [r for r, _ in pairs]
-        curves[v.name] = [read_curves(Path(r.get("same_as", d)), batch, r.get("instances", num_instances))
+        results[v.name] = [{**r, "config": str(out / r["config"])} for r, _ in pairs]
+        curves[v.name] = [read_curves(out / r["same_as"] if "same_as" in r else d, batch,
+                                      r.get("instances", num_instances))
                           for r, d in pairs]   # a reused run's curves are in the run it reuses
     return results, curves
 
@@ -101,8 +113,12 @@ def _chosen(grid, names: str | None):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     scale = SCALES[args.scale]
-    page = args.page or Path("docs/results.md" if scale.name == "cpu" else f"docs/results-{scale.name}.md")
+    page = args.page or default_page(scale.name)
+    records = records_of(page)
     try:
+        restored = restore_records(records, args.out)
+        if restored:
+            print(f"reproduce: {restored} files of finished runs taken from {records}")
         seeds = [int(s) for s in args.seeds.split(",")]
         data = _data(args, scale)
         grids = build_grids(scale)
@@ -112,12 +128,12 @@ def main(argv=None) -> int:
                 for seed in seeds]
         splits = {v.name: _variant_data(args, scale, data, v) for _, v, _ in runs}
         num_instances = len(ShardSet.open(str(data.pretrain)))
-        random_init = random_init_knn(scale, data, args.out)
+        random_init = random_init_knn(scale, data, args.out, records)
         if args.report_only:
             runs = []
         def train(grid, variant, seed):
             data_of, size = splits[variant.name]
-            return run_variant(grid, variant, seed, scale, data_of, args.out, size, print)
+            return run_variant(grid, variant, seed, scale, data_of, args.out, size, print, records)
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
             for _ in pool.map(lambda run: train(*run), runs):

@@ -1,7 +1,9 @@
 """Data preparation, one `picstream-train` run per (variant, seed), its k-NN result and its curves.
 
 Every run is a normal `picstream-train` process in its own run directory: rerunning the same grid
-resumes an interrupted run from its last checkpoint and skips finished ones (``result.json``).
+resumes an interrupted run from its last checkpoint and skips finished ones (``result.json``). A
+result's paths (``config``, ``same_as``) are relative to ``--out``; a finished run is also recorded
+beside the results page (:mod:`.records`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..checkpoint import list_checkpoints
 from ..config import load_config, parse_overrides
 from ..shards import make_shards
 from .grids import Grid, Scale, Variant
+from .records import record_files, record_run
 
 __all__ = ["DataSplits", "class_subset", "prepare_cifar10", "run_variant", "read_curves", "slug",
            "random_init_knn", "run_env", "run_measured"]
@@ -110,8 +113,8 @@ def _same_run(out: Path, scale: Scale, settings: dict, seed: int, pretrain: Path
         result = json.loads(path.read_text())
         if result.get("settings") != settings or "same_as" in result:
             continue
-        if yaml.safe_load(Path(result["config"]).read_text())["data"]["train"] == str(pretrain):
-            return {**result, "same_as": str(path.parent)}
+        if yaml.safe_load((out / result["config"]).read_text())["data"]["train"] == str(pretrain):
+            return {**result, "same_as": str(path.parent.relative_to(out))}
     return None
 
 
@@ -121,9 +124,10 @@ def run_env(scale: Scale) -> dict[str, str]:
 
 
 def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: DataSplits, out: Path,
-                num_instances: int, log) -> dict:
-    """Train (or resume) one run, then its final k-NN; returns ``result.json``'s content. A variant
-    whose settings equal a finished run of another grid (same seed) takes that run's result."""
+                num_instances: int, log, records: Path | None = None) -> dict:
+    """Train (or resume) one run, then its final k-NN; returns ``result.json``'s content, recorded
+    in ``records``. A variant whose settings equal a finished run of another grid (same seed) takes
+    that run's result."""
     run_dir = out / scale.name / grid.name / f"{slug(variant.name)}-s{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -135,6 +139,7 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
         run_dir.mkdir(parents=True, exist_ok=True)
         same.update(grid=grid.name, variant=variant.name, overrides=list(variant.overrides))
         result_path.write_text(json.dumps(same, indent=2) + "\n")
+        record_run(records, out, run_dir)
         log(f"[{grid.name}] {variant.name} seed {seed}: the run of {same['same_as']} (same settings)")
         return same
     batch, epochs = int(overrides["optim.batch_size"]), float(overrides["optim.epochs"])
@@ -153,24 +158,27 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
     result = {"grid": grid.name, "variant": variant.name, "seed": seed, "top1": knn["top1"],
               "top5": knn["top5"], "wall_s": time.perf_counter() - started, "train_cpu_s": cpu_s,
               "instances": num_instances,
-              "overrides": list(variant.overrides), "config": str(run_dir / "config.yaml"),
+              "overrides": list(variant.overrides), "config": str((run_dir / "config.yaml").relative_to(out)),
               "settings": settings}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
+    record_run(records, out, run_dir)
     log(f"[{grid.name}] {variant.name} seed {seed}: k-NN top-1 {knn['top1']:.1f} "
         f"({result['wall_s'] / 60:.1f} min)")
     return result
 
 
-def random_init_knn(scale: Scale, data: DataSplits, out: Path) -> dict:
-    """k-NN of the randomly initialised backbone (the floor every run must clear)."""
+def random_init_knn(scale: Scale, data: DataSplits, out: Path, records: Path | None = None) -> dict:
+    """k-NN of the randomly initialised backbone (the floor every run must clear), recorded in ``records``."""
     path = out / scale.name / "random-init.json"
     if path.exists():
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     base = dict(o.split("=", 1) for o in scale.base)
     cifar_stem = ["--cifar-stem"] if base.get("model.cifar_stem") == "true" else []
-    return _knn(["--random-init", base["model.arch"], *cifar_stem, "--image-size", base["data.image_size"]],
-                data, path, scale)
+    knn = _knn(["--random-init", base["model.arch"], *cifar_stem, "--image-size", base["data.image_size"]],
+               data, path, scale)
+    record_files(records, out, path)
+    return knn
 
 
 def _knn(args: list[str], data: DataSplits, path: Path, scale: Scale) -> dict:
