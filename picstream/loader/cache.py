@@ -346,6 +346,9 @@ class ShardReader:
                     if not os.path.exists(path):
                         self.shardset.remote_call(lambda: self._download(k, tmp, path),
                                                   what=f"fetching shard {k}", kind="shard")
+                except FileNotFoundError:   # flagged before the lock is released: a process waiting
+                    self._missing[k] = self._missing[k] or _TAR   # for it must not request it again
+                    raise
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
