@@ -37,7 +37,8 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted((tmp_path / "runs" / "smoke" / "table1").glob("*/result.json"))
-    assert [p.parent.name for p in results] == ["cosine-s1", "linear-head-s1", "plain-s1", "weak-aug-s1"]
+    assert [p.parent.name for p in results] == ["cosine-s1", "linear-head-s1", "plain-lr-4-s1", "plain-s1",
+                                                   "weak-aug-s1"]
     for p in results:
         result = json.loads(p.read_text())
         assert 0 <= result["top1"] <= 100 and (tmp_path / "runs" / result["config"]).exists()
@@ -60,7 +61,7 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     # on another machine (a fresh --out) the runs recorded beside the page are taken, not trained again
     records = page.parent / "results" / "runs"
     assert sorted(p.parent.name for p in records.glob("smoke/table1/*/result.json")) == [
-        "cosine-s1", "linear-head-s1", "plain-s1", "weak-aug-s1"]
+        "cosine-s1", "linear-head-s1", "plain-lr-4-s1", "plain-s1", "weak-aug-s1"]
     assert not list(records.rglob("*.pt")) and not list(records.rglob("*.zarr"))
     elsewhere = [*cmd[:cmd.index("--out") + 1], str(tmp_path / "elsewhere"), *cmd[cmd.index("--out") + 2:]]
     moved = subprocess.run(elsewhere, capture_output=True, text=True, timeout=300)
@@ -75,3 +76,26 @@ def test_missing_data_is_one_clear_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"reproduce: error: CIFAR-10 not found at {tmp_path / 'none'}: "
                                                 "give --cifar10"]
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_not_retrained(tmp_path, shapes_shards):
+    from picstream.reproduce.grids import SCALES, Grid, Variant
+    from picstream.reproduce.report import _per_seed
+    from picstream.reproduce.runner import DataSplits, run_variant
+
+    train, val = shapes_shards
+    explodes = Variant("explodes", ("optim.epochs=1", "classifier.loss=plain", "optim.base_lr=1e12"))
+    grid = Grid("t", "t", "t", (explodes,), ())
+    lines = []
+    (tmp_path / "runs").mkdir()
+    args = (grid, explodes, 0, SCALES["smoke"], DataSplits(train, train, val), tmp_path / "runs", 320, lines.append,
+            tmp_path / "records")
+    result = run_variant(*args)
+    assert result["top1"] is None and result["train_cpu_s"] is None
+    assert result["diverged"].startswith("the loss is ") and ";" not in result["diverged"], result["diverged"]
+    assert "diverged: the loss is" in lines[-1]
+    assert json.loads((tmp_path / "records" / "smoke" / "t" / "explodes-s0" / "result.json").read_text()) == result
+    assert _per_seed([result]).startswith("diverged (") and _per_seed([result]).endswith("(s0)")
+    lines.clear()
+    assert run_variant(*args) == result and lines == []   # finished: not trained again

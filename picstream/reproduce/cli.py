@@ -131,9 +131,15 @@ def main(argv=None) -> int:
         random_init = random_init_knn(scale, data, args.out, records)
         if args.report_only:
             runs = []
-        def train(grid, variant, seed):
+        failed = []
+
+        def train(grid, variant, seed):   # a failed run is reported; the other runs go on
             data_of, size = splits[variant.name]
-            return run_variant(grid, variant, seed, scale, data_of, args.out, size, print, records)
+            try:
+                run_variant(grid, variant, seed, scale, data_of, args.out, size, print, records)
+            except RuntimeError as err:
+                failed.append(f"{grid.name} / {variant.name} seed {seed}: {err}")
+                print(f"reproduce: error: {failed[-1]}", file=sys.stderr)
 
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each run is its own process
             for _ in pool.map(lambda run: train(*run), runs):
@@ -154,4 +160,7 @@ def main(argv=None) -> int:
     pic = sorted((json.loads(p.read_text()) for p in peer_dir.glob("pic-s*/result.json")), key=lambda r: r["seed"])
     write_page(page, scale, shown, results, curves, random_init, found_seeds, not_run, peers, pic, progress)
     print(f"reproduce: wrote {page}")
-    return 0
+    if failed:
+        print(f"reproduce: {len(failed)} run(s) failed (rerun the command to retry them):\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+    return 1 if failed else 0

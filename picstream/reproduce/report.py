@@ -28,6 +28,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _tops(runs: list[dict]) -> list[float]:
+    """The k-NN top-1 of the runs that finished training (a diverged run has none)."""
+    return [r["top1"] for r in runs if r.get("top1") is not None]
+
+
+def _diverged(runs: list[dict]) -> list[str]:
+    return [f"s{r['seed']}" for r in runs if r.get("diverged")]
+
+
 def verdict(claim: Claim, better: list[float], worse: list[float]) -> str:
     """The claim's verdict from Welch's t at 5% (two-sided): reproduced / reversed / no effect
     detectable at this power, with the bootstrap interval and the smallest detectable gap."""
@@ -56,10 +65,10 @@ def _plots(grid: Grid, results: dict[str, list[dict]], curves: dict, folder: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [v.name for v in grid.variants if results.get(v.name)]
+    names = [v.name for v in grid.variants if _tops(results.get(v.name, []))]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6))
     for i, name in enumerate(names):
-        tops = [r["top1"] for r in results[name]]
+        tops = _tops(results[name])
         ax.bar(i, statistics.mean(tops), color=f"C{i}", alpha=0.6)
         ax.scatter([i] * len(tops), tops, color="black", s=14, zorder=3)
     ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
@@ -68,7 +77,7 @@ def _plots(grid: Grid, results: dict[str, list[dict]], curves: dict, folder: Pat
         ax.legend(fontsize=7, loc="lower right")
     ax.set_ylabel("k-NN top-1 (%)")
     ax.set_title(grid.title, fontsize=9)
-    lo = min([r["top1"] for n in names for r in results[n]] + ([floor] if floor is not None else []))
+    lo = min([t for n in names for t in _tops(results[n])] + ([floor] if floor is not None else []))
     ax.set_ylim(max(0.0, lo - 10), None)
     fig.tight_layout()
     bar = f"{grid.name}-knn.png"
@@ -149,15 +158,18 @@ def _grid_section(grid: Grid, scale: Scale, results: dict[str, list[dict]], curv
         seeds = _per_seed(runs)
         minutes = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f}" if runs else "–"
         lines.append(f"| {v.name} | `{' '.join(v.overrides)}` | {seeds} | "
-                     f"{_mean_std([r['top1'] for r in runs])} | {v.paper or '–'} | {minutes} | {config} |")
+                     f"{_mean_std(_tops(runs))} | {v.paper or '–'} | {minutes} | {config} |")
     lines += ["", "Claims (Welch's t-test, two-sided, 5%; the bootstrap resamples the seeds of each side; "
                   "the smallest detectable gap is at 80% power with these seeds' spread):"]
     for claim in grid.claims:
-        tops = [[r["top1"] for r in results.get(name, [])] for name in (claim.better, claim.worse)]
+        tops = [_tops(results.get(name, [])) for name in (claim.better, claim.worse)]
         relation = "=" if claim.same else ">"
         training = not all(tops) and any(progress.get(n) for n in (claim.better, claim.worse))
+        lost = "; ".join(f"{name} diverged in {', '.join(seeds)} (not counted)" for name in (claim.better, claim.worse)
+                         if (seeds := _diverged(results.get(name, []))))
         lines.append(f"- {claim.better} {relation} {claim.worse} ({claim.paper}): "
-                     f"{'not finished yet (interim below)' if training else verdict(claim, *tops)}.")
+                     f"{'not finished yet (interim below)' if training else verdict(claim, *tops)}"
+                     f"{f'; {lost}' if lost else ''}.")
     lines += ["", *_interim(grid, curves, progress)]
     count = sum(len(r) for r in results.values())
     lines += [f"Wall time: {wall / 60:.1f} min for the {sum(len([r for r in rs if 'same_as' not in r]) for rs in results.values())} "
@@ -182,10 +194,10 @@ def _standing(peers: list[dict], pic: list[dict]) -> str:
     if not peers or not pic:
         return ("Where PIC stands against SimCLR / MoCo v2 / BYOL at this scale: not measured yet "
                 "(`python benchmarks/peers.py --scale cpu` runs them beside PIC).")
-    pic_tops = [r["top1"] for r in pic]
+    pic_tops = _tops(pic)
     parts = []
     for (method, budget), runs in _peer_rows(peers).items():
-        tops = [r["top1"] for r in runs]
+        tops = _tops(runs)
         if min(len(tops), len(pic_tops)) >= MIN_SEEDS:
             c = compare(pic_tops, tops)
             word = ("above" if c.gap > 0 else "below") if c.p < ALPHA else "not separable from"
@@ -201,13 +213,18 @@ def _standing(peers: list[dict], pic: list[dict]) -> str:
 
 
 def _per_seed(runs: list[dict]) -> str:
-    return ", ".join(f"{r['top1']:.1f} (s{r['seed']})" for r in runs) or "not run"
+    """Each seed's k-NN top-1, or where its loss became non-finite."""
+    def one(r: dict) -> str:
+        if r.get("diverged"):
+            return f"diverged ({r['diverged'].removeprefix('the loss is ')}) (s{r['seed']})"
+        return f"{r['top1']:.1f} (s{r['seed']})"
+    return ", ".join(map(one, runs)) or "not run"
 
 
 def _peers_section(peers: list[dict], pic: list[dict]) -> list[str]:
     if not peers:
         return []
-    pic_tops = [r["top1"] for r in pic]
+    pic_tops = _tops(pic)
     pic_row = "| PIC | – | – | – | not run | – | – |"
     if pic:
         cpu = statistics.mean(r.get("train_cpu_s", float("nan")) for r in pic)
@@ -221,7 +238,7 @@ def _peers_section(peers: list[dict], pic: list[dict]) -> list[str]:
              "| method | budget | epochs | training CPU s per run | k-NN top-1 per seed | mean ± std | PIC > peer |",
              "| --- | --- | --- | --- | --- | --- | --- |", pic_row]
     for (method, budget), runs in _peer_rows(peers).items():
-        tops = [r["top1"] for r in runs]
+        tops = _tops(runs)
         against = verdict(Claim("PIC", method, ""), pic_tops, tops) if pic_tops else "–"
         lines.append(f"| {PEER_NAMES[method]} | equal {budget} | {statistics.mean(r['epochs'] for r in runs):.1f} | "
                      f"{statistics.mean(r['train_cpu_s'] for r in runs):.0f} | {_per_seed(runs)} | "

@@ -22,11 +22,17 @@ import yaml
 from ..checkpoint import list_checkpoints
 from ..config import load_config, parse_overrides
 from ..shards import make_shards
+from ..train import DIVERGED_EXIT
 from .grids import Grid, Scale, Variant
 from .records import record_files, record_run
 
-__all__ = ["DataSplits", "class_subset", "prepare_cifar10", "run_variant", "read_curves", "slug",
+__all__ = ["DataSplits", "RunDiverged", "class_subset", "prepare_cifar10", "run_variant", "read_curves", "slug",
            "random_init_knn", "run_env", "run_measured"]
+
+
+class RunDiverged(RuntimeError):
+    """The run stopped because its loss became non-finite (a result of its settings, not a failure
+    of the machine: recorded, and not trained again)."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,8 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
                 num_instances: int, log, records: Path | None = None) -> dict:
     """Train (or resume) one run, then its final k-NN; returns ``result.json``'s content, recorded
     in ``records``. A variant whose settings equal a finished run of another grid (same seed) takes
-    that run's result."""
+    that run's result. A run whose loss became non-finite is finished too: its result has
+    ``top1`` None and ``diverged``, where the loss became non-finite."""
     run_dir = out / scale.name / grid.name / f"{slug(variant.name)}-s{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -152,18 +159,21 @@ def run_variant(grid: Grid, variant: Variant, seed: int, scale: Scale, data: Dat
     log(f"[{grid.name}] {variant.name} seed {seed}: {' '.join(variant.overrides)}")
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cpu_s = run_measured(cmd, run_env(scale), run_dir / "train.stderr")
-    last = list_checkpoints(run_dir / "checkpoints")[-1]
-    knn = _knn(["--checkpoint", str(last)], data, run_dir / "knn.json", scale)
+    try:
+        cpu_s = run_measured(cmd, run_env(scale), run_dir / "train.stderr")
+        last = list_checkpoints(run_dir / "checkpoints")[-1]
+        knn, diverged = _knn(["--checkpoint", str(last)], data, run_dir / "knn.json", scale), None
+    except RunDiverged as err:
+        cpu_s, knn, diverged = None, {"top1": None, "top5": None}, str(err).split(";")[0]  # no local path kept
     result = {"grid": grid.name, "variant": variant.name, "seed": seed, "top1": knn["top1"],
               "top5": knn["top5"], "wall_s": time.perf_counter() - started, "train_cpu_s": cpu_s,
               "instances": num_instances,
               "overrides": list(variant.overrides), "config": str((run_dir / "config.yaml").relative_to(out)),
-              "settings": settings}
+              "settings": settings, **({"diverged": diverged} if diverged else {})}
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     record_run(records, out, run_dir)
-    log(f"[{grid.name}] {variant.name} seed {seed}: k-NN top-1 {knn['top1']:.1f} "
-        f"({result['wall_s'] / 60:.1f} min)")
+    outcome = f"diverged: {diverged}" if diverged else f"k-NN top-1 {knn['top1']:.1f}"
+    log(f"[{grid.name}] {variant.name} seed {seed}: {outcome} ({result['wall_s'] / 60:.1f} min)")
     return result
 
 
@@ -189,13 +199,16 @@ def _knn(args: list[str], data: DataSplits, path: Path, scale: Scale) -> dict:
 
 
 def run_measured(cmd: list[str], env: dict[str, str], stderr: Path) -> float:
-    """Run ``cmd`` (its stderr to the file ``stderr``); the CPU seconds it used, user + system."""
+    """Run ``cmd`` (its stderr to the file ``stderr``); the CPU seconds it used, user + system.
+    Raises :class:`RunDiverged` when a training run exits because its loss became non-finite."""
     with open(stderr, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = stderr.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        if proc.returncode == DIVERGED_EXIT:
+            raise RunDiverged(tail[0].removeprefix("picstream-train: error: "))
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}: {tail[0]}")
     return usage.ru_utime + usage.ru_stime
 
