@@ -8,9 +8,10 @@ method; NT-Xent τ = 0.5 (SimCLR) / τ = 0.1 with a 4096-entry memory bank and e
 (MoCo v2, symmetric loss, shuffle-BN); negative cosine with momentum 0.99 (BYOL). The backbone is
 the reproduction scale's (`model.arch` from `tools/reproduce.py --scale cpu`), trained with one thread.
 
-Two budgets per peer and seed: the same number of epochs as PIC, and the same training CPU time as
-PIC's run (epochs = PIC's CPU seconds / the peer's CPU seconds per epoch, measured on its
-equal-epoch run). PIC is the scale's base run (trained here through `tools/reproduce.py`'s runner,
+Two budgets per peer and seed: the same number of epochs as PIC, and the same training compute as
+PIC's run: epochs = PIC's epochs x PIC's cost per epoch / the peer's, both measured back to back
+under the same load (`calibrate`; CPU seconds alone are not load-invariant here: a busy sibling
+core inflates them up to 3x). PIC is the scale's base run (trained here through `tools/reproduce.py`'s runner,
 or reused when a grid already trained it). k-NN: picstream's (k = 200, τ = 0.07, centre crop) on
 the scale's bank and test split. Results go to `<out>/<scale>/peers/` where the results page reads
 them, and are recorded beside the page (`--records`, picstream.reproduce.records). `--quick`: SimCLR and PIC for half an epoch at equal epochs only (CI).
@@ -142,6 +143,25 @@ def train_peer(method: str, arch: str, data: TwoViews, epochs: float, seed: int)
     return model.backbone, time.process_time() - started, total
 
 
+def calibrate(methods: list[str], scale, splits: DataSplits, data: TwoViews, arch: str, out: Path,
+              num_instances: int, path: Path) -> dict[str, float]:
+    """Each peer's cost per epoch relative to PIC's (``path`` caches it). Per peer, back to back: PIC
+    for 1 and 3 epochs (the difference of their training CPU seconds cancels start-up and the k-NN
+    monitor), then the peer for 2 epochs in this process."""
+    if path.exists():
+        return json.loads(path.read_text())
+    ratios = {}
+    for i, method in enumerate(methods):   # another seed per peer, so no PIC run is reused
+        grid = Grid("peers-calibration", "", "", (), ())
+        pic = [run_variant(grid, Variant(f"pic {e}ep", (f"optim.epochs={e}",)), i, scale, splits, out,
+                           num_instances, print)["train_cpu_s"] for e in (1, 3)]
+        peer_s = train_peer(method, arch, data, 2, i)[1]
+        ratios[method] = (peer_s / 2) / ((pic[1] - pic[0]) / 2)
+        print(f"calibration: {method} costs {ratios[method]:.2f}x PIC per epoch")
+    path.write_text(json.dumps(ratios, indent=2) + "\n")
+    return ratios
+
+
 def knn_of(backbone: nn.Module, splits: DataSplits, size: int) -> float:
     with torch.no_grad():
         bank, test = extract_splits(backbone, splits.bank, splits.test, image_size=size, batch_size=256,
@@ -185,27 +205,29 @@ def main(argv=None) -> int:
     folder = args.out / scale.name / "peers"
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict[str, list[float]] = {}
+    cost = {} if args.quick else calibrate(methods, scale, splits, data, arch, args.out, num_instances,
+                                           folder / "calibration.json")
+    if cost:
+        record_files(records, args.out, folder / "calibration.json")
     for seed in (int(s) for s in args.seeds.split(",")):
         pic = run_variant(pic_grid, pic_grid.variants[0], seed, scale, splits, args.out, num_instances, print,
                           records)
         pic_cpu = pic.get("train_cpu_s") or pic["wall_s"]
         summary.setdefault("pic", []).append(pic["top1"])
         for method in methods:
-            per_epoch = None
             for budget in ("epochs",) if args.quick else ("epochs", "time"):
                 path = folder / f"{method}-{budget}-s{seed}.json"
                 if path.exists():
                     result = json.loads(path.read_text())
                 else:
-                    run_epochs = epochs if budget == "epochs" else pic_cpu / per_epoch
+                    run_epochs = epochs if budget == "epochs" else epochs / cost[method]
                     backbone, cpu_s, steps = train_peer(method, arch, data, run_epochs, seed)
                     result = {"method": method, "budget": budget, "seed": seed, "epochs": run_epochs,
                               "steps": steps, "batch": BATCH, "train_cpu_s": cpu_s,
                               "top1": knn_of(backbone, splits, size), "pic_top1": pic["top1"],
-                              "pic_cpu_s": pic_cpu}
+                              "pic_cpu_s": pic_cpu, **({"cost_vs_pic": cost[method]} if budget == "time" else {})}
                     path.write_text(json.dumps(result, indent=2) + "\n")
                     record_files(records, args.out, path)
-                per_epoch = result["train_cpu_s"] / result["epochs"]
                 summary.setdefault(f"{method} ({budget})", []).append(result["top1"])
                 print(f"{method} seed {seed}, equal {budget}: {result['epochs']:.2f} epochs, "
                       f"{result['train_cpu_s']:.0f} CPU s, k-NN {result['top1']:.1f} (PIC {pic['top1']:.1f}, "

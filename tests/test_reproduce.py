@@ -37,8 +37,8 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted((tmp_path / "runs" / "smoke" / "table1").glob("*/result.json"))
-    assert [p.parent.name for p in results] == ["cosine-s1", "linear-head-s1", "plain-lr-4-s1", "plain-s1",
-                                                   "weak-aug-s1"]
+    assert [p.parent.name for p in results] == ["cosine-lr-4-s1", "cosine-s1", "linear-head-s1", "plain-lr-4-s1",
+                                                "plain-s1", "weak-aug-s1"]
     for p in results:
         result = json.loads(p.read_text())
         assert 0 <= result["top1"] <= 100 and (tmp_path / "runs" / result["config"]).exists()
@@ -61,7 +61,7 @@ def test_table1_smoke_grid_writes_page_and_plots(tmp_path, shapes_shards):
     # on another machine (a fresh --out) the runs recorded beside the page are taken, not trained again
     records = page.parent / "results" / "runs"
     assert sorted(p.parent.name for p in records.glob("smoke/table1/*/result.json")) == [
-        "cosine-s1", "linear-head-s1", "plain-lr-4-s1", "plain-s1", "weak-aug-s1"]
+        "cosine-lr-4-s1", "cosine-s1", "linear-head-s1", "plain-lr-4-s1", "plain-s1", "weak-aug-s1"]
     assert not list(records.rglob("*.pt")) and not list(records.rglob("*.zarr"))
     elsewhere = [*cmd[:cmd.index("--out") + 1], str(tmp_path / "elsewhere"), *cmd[cmd.index("--out") + 2:]]
     moved = subprocess.run(elsewhere, capture_output=True, text=True, timeout=300)

@@ -204,12 +204,25 @@ def _standing(peers: list[dict], pic: list[dict]) -> str:
             parts.append(f"{word} {PEER_NAMES[method]} at equal {budget} ({statistics.mean(tops):.1f}, "
                          f"p = {c.p:.2g})")
         else:
-            parts.append(f"{PEER_NAMES[method]} at equal {budget}: {statistics.mean(tops):.1f} from {len(tops)} "
-                         f"seed{'s' if len(tops) > 1 else ''} (no verdict)")
+            parts.append(f"not yet tested against {PEER_NAMES[method]} at equal {budget} ({statistics.mean(tops):.1f} "
+                         f"from {len(tops)} seed{'s' if len(tops) > 1 else ''}, no verdict)")
     return (f"Where PIC stands at this scale: PIC's base run reaches k-NN top-1 {statistics.mean(pic_tops):.1f} "
             f"({len(pic_tops)} seeds); it is " + "; ".join(parts) + ". Peers are lightly's SimCLR, MoCo v2 and "
             "BYOL on the same backbone, data, image size and k-NN protocol (`benchmarks/peers.py`); "
-            "\"equal time\" is equal training CPU seconds.")
+            "\"equal time\" is PIC's training compute: PIC's epochs x PIC's cost per epoch / the peer's, both "
+            "measured back to back under the same load (CPU seconds measured at different loads are not "
+            "comparable on this machine's shared cores)." + _costs(peers))
+
+
+def _costs(peers: list[dict]) -> str:
+    """Why the equal-time budgets differ: each peer's measured cost per epoch relative to PIC's."""
+    cost = {r["method"]: r["cost_vs_pic"] for r in peers if "cost_vs_pic" in r}
+    if not cost:
+        return ""
+    return (" A PIC step passes one view through one network, a peer step two views (MoCo v2 and BYOL also "
+            "through a momentum encoder): per epoch " + ", ".join(f"{PEER_NAMES[m]} costs {c:.1f}x PIC"
+                                                               for m, c in sorted(cost.items())) +
+            ", so at equal time a peer trains that many times fewer epochs.")
 
 
 def _per_seed(runs: list[dict]) -> str:
@@ -226,22 +239,25 @@ def _peers_section(peers: list[dict], pic: list[dict]) -> list[str]:
         return []
     pic_tops = _tops(pic)
     pic_row = "| PIC | – | – | – | not run | – | – |"
+    cost = {r["method"]: r["cost_vs_pic"] for r in peers if "cost_vs_pic" in r}
     if pic:
-        cpu = statistics.mean(r.get("train_cpu_s", float("nan")) for r in pic)
-        pic_row = (f"| PIC | – | {pic[0]['settings']['optim']['epochs']:g} | {cpu:.0f} | {_per_seed(pic)} | "
-                   f"{_mean_std(pic_tops)} | – |")
+        pic_epochs = pic[0]["settings"]["optim"]["epochs"]
+        pic_row = f"| PIC | – | {pic_epochs:g} | 1 | {_per_seed(pic)} | {_mean_std(pic_tops)} | – |"
     lines = ["## Peers: SimCLR, MoCo v2, BYOL (lightly) beside PIC", "",
              "`python benchmarks/peers.py --scale cpu --seeds 0,1,2` (lightly's CIFAR-10 benchmark settings: batch "
              "128, SGD lr 0.06, momentum 0.9, weight decay 5e-4, cosine; SimCLRTransform at 32 px without blur; "
-             "two views per image per step, so a peer epoch costs about twice PIC's or more). Last column: "
+             "two views per image per step). Last column: "
              "PIC's claimed lead, tested as the grids' claims.", "",
-             "| method | budget | epochs | training CPU s per run | k-NN top-1 per seed | mean ± std | PIC > peer |",
+             "Training compute is relative to PIC's run, at the per-epoch costs measured back to back "
+             "(`peers/calibration.json`).", "",
+             "| method | budget | epochs | training compute (PIC = 1) | k-NN top-1 per seed | mean ± std | PIC > peer |",
              "| --- | --- | --- | --- | --- | --- | --- |", pic_row]
     for (method, budget), runs in _peer_rows(peers).items():
         tops = _tops(runs)
         against = verdict(Claim("PIC", method, ""), pic_tops, tops) if pic_tops else "–"
-        lines.append(f"| {PEER_NAMES[method]} | equal {budget} | {statistics.mean(r['epochs'] for r in runs):.1f} | "
-                     f"{statistics.mean(r['train_cpu_s'] for r in runs):.0f} | {_per_seed(runs)} | "
+        epochs = statistics.mean(r["epochs"] for r in runs)
+        compute = f"{epochs * cost[method] / pic_epochs:.2f}" if pic and method in cost else "–"
+        lines.append(f"| {PEER_NAMES[method]} | equal {budget} | {epochs:.1f} | {compute} | {_per_seed(runs)} | "
                      f"{_mean_std(tops)} | {against} |")
     return lines + [""]
 
