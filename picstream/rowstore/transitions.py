@@ -48,9 +48,9 @@ class TransitionLog:
 
     def copy(self) -> "TransitionLog":
         """An independent log in the same state (appends and folds on it leave this one unchanged)."""
-        other = TransitionLog.__new__(TransitionLog)
-        other.__dict__.update(self.__dict__, _lrs=list(self._lrs), _base=self._base.copy(),
-                              _tree=self._tree.copy())
+        other = TransitionLog(self.momentum, self.weight_decay)
+        other._lrs, other._offset, other._base = list(self._lrs), self._offset, self._base.copy()
+        other._cap, other._tree = self._cap, self._tree.copy()
         return other
 
     def equals(self, other: "TransitionLog") -> bool:
