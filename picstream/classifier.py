@@ -7,9 +7,10 @@
     loss.backward()
     clf.step(lr)                              # SGD on the rows; the backbone has its own optimiser
 
-``read_ahead(next_ids)`` before a step names the next step's global batch (a hint, from the
-schedule): with ``overlap`` the recent classifier then reads those rows from its store in the
-background right after this step's admission (:meth:`RecentRows.read_ahead`).
+``read_ahead(next_ids, lr)`` before a step names the next step's global batch (a hint, from the
+schedule) and this step's learning rate: with ``overlap`` the recent classifier then reads those
+rows from its store and brings them forward past this step in the background, right after this
+step's admission (:meth:`RecentRows.read_ahead`).
 
 ``loss`` is built from ``logits`` (admission), ``view_logits`` (another view, the same rows) and
 ``cross_entropy``. In a distributed run (``world``), ``z`` and ``ids`` are this rank's block of the
@@ -81,7 +82,7 @@ class InstanceClassifier(PartitionedState, Protocol):
 
     def prefetch(self, start: int, stop: int) -> None: ...
 
-    def read_ahead(self, next_ids) -> None: ...
+    def read_ahead(self, next_ids, lr: float | None = None) -> None: ...
 
     def min_row_norm(self) -> float: ...
 
@@ -121,6 +122,7 @@ class RecentClassifier(MultiViewLoss):
                                overlap=overlap)
         self._leaf: torch.Tensor | None = None
         self._next_ids = None  # the next batch's IDs, read ahead after this step's admission
+        self._lr = None  # this step's learning rate, for the correction of the rows read ahead
 
     def logits(self, z: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B×K logits, targets)``; empty slots are masked with −inf; targets are slot indices.
@@ -131,8 +133,8 @@ class RecentClassifier(MultiViewLoss):
         init = first_visit_rows(z, self.rows.dtype) if self.row_init == "feature" else None
         targets = self.rows.admit(ids, init)
         if self._next_ids is not None:
-            self.rows.read_ahead(self._next_ids)
-            self._next_ids = None
+            self.rows.read_ahead(self._next_ids, self._lr)
+            self._next_ids = self._lr = None
         self._leaf = self.rows.weight.detach().requires_grad_(True)
         return self._scores(z, self._leaf), targets
 
@@ -171,10 +173,12 @@ class RecentClassifier(MultiViewLoss):
     def prefetch(self, start: int, stop: int) -> None:
         self.store.prefetch(start, stop)
 
-    def read_ahead(self, next_ids) -> None:
+    def read_ahead(self, next_ids, lr: float | None = None) -> None:
         """The next step's global batch IDs: their rows are read ahead after this step's admission
-        (with ``overlap``; a wrong hint costs only the read)."""
+        (with ``overlap``; a wrong hint costs only the read) and, given this step's ``lr``,
+        corrected past this step there too (a wrong ``lr`` costs only that correction)."""
         self._next_ids = np.asarray(next_ids, dtype=np.int64)
+        self._lr = lr
 
     def commit_state(self) -> dict:
         """Commit the row store; returns the device rows, the transition log, and the store's
@@ -301,7 +305,7 @@ class FullClassifier(MultiViewLoss):
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch: every row is resident."""
 
-    def read_ahead(self, next_ids) -> None:
+    def read_ahead(self, next_ids, lr: float | None = None) -> None:
         """Nothing to read ahead: every row is resident."""
 
     def commit_state(self) -> dict:

@@ -257,13 +257,15 @@ class Trainer:
 
     def prefetch_rows(self, step: int) -> None:
         """When a batch starts a new window, ask the row store to read the next window's new rows;
-        and name the next batch's IDs to the classifier, which reads their rows ahead."""
+        and name the next batch's IDs and this step's learning rate to the classifier, which reads
+        their rows ahead and brings them forward past this step."""
         batch = self.global_batch
         rows = self.scheduler.rows_to_prefetch(step, batch)
         if rows is not None:
             self.classifier.prefetch(*rows)
         if step + 1 < self.total_steps:
-            self.classifier.read_ahead(self.scheduler.ids_at((step + 1) * batch, (step + 2) * batch))
+            self.classifier.read_ahead(self.scheduler.ids_at((step + 1) * batch, (step + 2) * batch),
+                                       self.lr_at(step))
 
     def finite_loss(self, loss: torch.Tensor, step: int) -> float:
         """The loss as a number (waits for the device); a non-finite one stops the run before that

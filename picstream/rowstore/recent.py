@@ -27,13 +27,16 @@ class RecentRows:
     :meth:`write_pending`). The rows, the store and the transition log are then bit-identical to the
     synchronous path's; only the time of the store write moves, by at most one admission.
 
-    With ``overlap``, ``read_ahead(next_ids)`` right after an admission moves the next admission's
-    store work to a background thread (:class:`ReadAhead`): the deferred write, then the read of the
-    rows ``admit(next_ids)`` would fetch (this process's rows of ``next_ids`` not resident). The next
-    admission uses that read only if it fetches exactly those rows (else it reads the store itself),
-    and brings them forward by the log as the synchronous path does. While the job is in flight only
-    its thread reads or writes the store: every other use of the store waits for it first
-    (``write_pending``), so the store sees the same writes and reads in the same order.
+    With ``overlap``, ``read_ahead(next_ids, lr)`` right after an admission moves the next
+    admission's store work to a background thread (:class:`ReadAhead`): the deferred write, then the
+    read of the rows ``admit(next_ids)`` would fetch (this process's rows of ``next_ids`` not
+    resident) and, given this step's ``lr``, their correction on a copy of the log as it will be
+    after this step's ``sgd_step(..., lr)``. The next admission uses that read only if it fetches
+    exactly those rows (else it reads the store itself), and that correction only if its log then
+    equals the copy bit for bit (else it brings the rows forward itself, as the synchronous path
+    does). While the job is in flight only its thread reads or writes the store: every other use of
+    the store waits for it first (``write_pending``), so the store sees the same writes and reads in
+    the same order.
 
     Each rank of a distributed run keeps the same slot table (a function of the global ID stream)
     but holds and updates only the rows of its part of the store (``store.owner``), in a device table
@@ -48,6 +51,7 @@ class RecentRows:
         self.overlap = overlap
         self._pending: tuple | None = None  # (ids, HostCopy w, HostCopy u, step) not yet in the store
         self.reads: Counter[str] = Counter()  # admissions that fetched rows: read "ahead" or "here"
+        self.corrections: Counter[str] = Counter()  # and brought them forward "ahead" or "here"
         self.device, self.dtype, self.correction = torch.device(device), dtype, correction
         self._read_ahead = ReadAhead(self.device)
         self._np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
@@ -147,7 +151,7 @@ class RecentRows:
         when ``init`` is given."""
         used = ahead is not None and np.array_equal(ahead[0], ids)
         self.reads["ahead" if used else "here"] += 1
-        w, u, last, never = ahead[1] if used else self._read(ids, never=init is not None)
+        w, u, last, never, corrected = ahead[1] if used else (*self._read(ids, never=init is not None), None)
         fresh = None if init is None else np.flatnonzero(never)
         steps, counts = np.unique(last[last > 0], return_counts=True)
         for step, n in zip(steps.tolist(), counts.tolist()):  # these copies are stale from now on
@@ -156,7 +160,9 @@ class RecentRows:
                 self._stored_at[step] = left
             else:
                 self._stored_at.pop(step, None)
-        w, u = self.log.advance(w, u, last, self.correction)
+        by_job = corrected is not None and self.log.equals(corrected[0])
+        self.corrections["ahead" if by_job else "here"] += 1
+        w, u = corrected[1:] if by_job else self.log.advance(w, u, last, self.correction)
         free_rows = np.flatnonzero(self.slot_of_row < 0)
         if free_rows.size < ids.size:
             size = len(self.slot_of_row)
@@ -182,7 +188,9 @@ class RecentRows:
         self.momentum.mul_(m).add_(d)
         self.weight.add_(self.momentum, alpha=-lr)
         self.log.append(lr)
-        self._compact_log()
+        keep = self._fold_point(self.log.num_steps)
+        if keep is not None:
+            self.log.compact(keep)
 
     def _read(self, ids: np.ndarray, never: bool) -> tuple:
         """``(w, u, last_step, never_written or None)`` of rows ``ids`` from the store."""
@@ -195,15 +203,27 @@ class RecentRows:
             ids, w, u, step = pending
             self.store.write(ids, w.result().numpy(), u.result().numpy(), step)
 
-    def _write_then_read(self, pending: tuple | None, ids: np.ndarray) -> tuple:
-        """The read-ahead job: the deferred write, then the read of ``ids``."""
+    def _write_read_and_correct(self, pending: tuple | None, ids: np.ndarray, step: tuple | None) -> tuple:
+        """The read-ahead job: the deferred write, then the read of ``ids``; with ``step = (log, lr,
+        keep)`` also their correction on ``log`` (a copy) after ``lr`` is appended to it and it is
+        folded at ``keep`` (None: not folded), as ``sgd_step`` will do to the log. Returns
+        ``(w, u, last_step, never_written, (log, w, u) corrected or None)``."""
         self._write(pending)
-        return self._read(ids, never=True)
+        w, u, last, never = self._read(ids, never=True)
+        if step is None:
+            return w, u, last, never, None
+        log, lr, keep = step
+        log.append(lr)
+        if keep is not None:
+            log.compact(keep)
+        return w, u, last, never, (log, *log.advance(w, u, last, self.correction))
 
-    def read_ahead(self, ids) -> None:
+    def read_ahead(self, ids, lr: float | None = None) -> None:
         """With ``overlap``, called right after an admission: start the store work of ``admit(ids)``
         as the next admission in the background (the deferred write, then the read of this
-        process's rows of ``ids`` not resident now). Without ``overlap`` it does nothing."""
+        process's rows of ``ids`` not resident now and, given ``lr``, the learning rate this step's
+        ``sgd_step`` will apply, their correction to the step after it). Without ``overlap`` it
+        does nothing."""
         if not self.overlap:
             return
         self._read_ahead.drain()
@@ -211,7 +231,10 @@ class RecentRows:
         new = uniq[np.fromiter((i not in self._slot_of for i in uniq.tolist()), bool, uniq.size)]
         fetch = new[self.store.owner(new) == self.store.rank]
         pending, self._pending = self._pending, None
-        self._read_ahead.start(fetch, self._write_then_read, pending, fetch)
+        step = None
+        if lr is not None and fetch.size:  # the log after sgd_step(..., lr): _stored_at is final now
+            step = (self.log.copy(), float(lr), self._fold_point(self.log.num_steps + 1))
+        self._read_ahead.start(fetch, self._write_read_and_correct, pending, fetch, step)
 
     def write_pending(self) -> None:
         """Write the last admission's evicted rows to the store, if not yet written; first wait
@@ -227,13 +250,12 @@ class RecentRows:
         finally:
             self._read_ahead.close()
 
-    def _compact_log(self) -> None:
-        """Fold the log's steps before the oldest stored row's last step once there are at least
-        ``compact_min_steps`` of them (a deterministic function of the stream, so a resumed run
-        folds at the same steps)."""
-        oldest = min(self._stored_at, default=self.log.num_steps)
-        if oldest - self.log.offset >= self.compact_min_steps:
-            self.log.compact(oldest)
+    def _fold_point(self, num_steps: int) -> int | None:
+        """Where the log of ``num_steps`` steps is folded (None: not folded): before the oldest
+        stored row's last step once there are at least ``compact_min_steps`` steps before it (a
+        deterministic function of the stream, so a resumed run folds at the same steps)."""
+        oldest = min(self._stored_at, default=num_steps)
+        return oldest if oldest - self.log.offset >= self.compact_min_steps else None
 
     def peek(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Current ``(w, u)`` of rows this process holds or the store has (not of rows resident on

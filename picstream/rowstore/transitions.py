@@ -46,6 +46,22 @@ class TransitionLog:
         self._offset += fold
         self._rebuild(max(1, 1 << (len(self._lrs) - 1).bit_length()))
 
+    def copy(self) -> "TransitionLog":
+        """An independent log in the same state (appends and folds on it leave this one unchanged)."""
+        other = TransitionLog(self.momentum, self.weight_decay)
+        other._lrs, other._offset, other._base = list(self._lrs), self._offset, self._base.copy()
+        other._cap, other._tree = self._cap, self._tree.copy()
+        return other
+
+    def equals(self, other: "TransitionLog") -> bool:
+        """Whether ``other`` holds the same steps, learning rates and matrices bit for bit, so that
+        ``advance`` gives the same result on both."""
+        return (self._offset == other._offset and self._cap == other._cap
+                and (self.momentum, self.weight_decay) == (other.momentum, other.weight_decay)
+                and self._lrs == other._lrs
+                and all(np.array_equal(a.view(np.uint64), b.view(np.uint64))
+                        for a, b in ((self._base, other._base), (self._tree, other._tree))))
+
     @property
     def last_lr(self) -> float:
         return self._lrs[-1] if self._lrs else 0.0
