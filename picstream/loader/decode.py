@@ -99,16 +99,20 @@ DECODERS = ("auto", "pil", *_FULL, "roi")
 _ROI_DECODER: dict[int, tuple] = {}   # pid -> (nvimgcodec module, Decoder, DecodeParams): one per process
 
 
+def nvimgcodec_installed() -> bool:
+    """Whether nvImageCodec (``nvidia.nvimgcodec``, the loaders extra) can be imported."""
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:   # no `nvidia` namespace at all
+        return False
+
+
 def check_decoder(decoder: str) -> None:
     """Raise ValueError for a decoder name that is unknown or whose library is not installed."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
     if decoder == "roi":
-        try:
-            installed = importlib.util.find_spec("nvidia.nvimgcodec") is not None
-        except ModuleNotFoundError:   # no `nvidia` namespace at all
-            installed = False
-        if not installed:
+        if not nvimgcodec_installed():
             raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
 
 
