@@ -42,6 +42,9 @@ class DataConfig:
     # multi-crop: extra views beside the main one, items [size, count] or [size, count, scale_lo,
     # scale_hi] (picstream.multicrop); empty = one view per image
     multi_crop: list[list[float]] = field(default_factory=list)
+    # where the JPEGs are decoded: in the loader's CPU workers, or batched on the CUDA device by
+    # nvImageCodec (the workers pass bytes and crop boxes; the loaders extra)
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass

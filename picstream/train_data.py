@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .beton import BetonSet, is_beton
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import World
 from .loader import WindowLoader
 from .multicrop import loader_crops
@@ -43,6 +43,9 @@ def train_loader_from_config(config: Config, train_set, scheduler, world: World,
     batches come pinned); ``augment``: colour augmentation in the loader's workers (None: the
     trainer does it)."""
     data = config.data
+    if data.decode == "gpu":
+        raise ConfigError("config key 'data.decode': gpu is not wired to the trainer yet (the nvImageCodec "
+                          "device call is missing); use data.decode=cpu")
     return train_loader(
         train_set, scheduler, config.optim.batch_size // world.size, rank=world.rank,
         world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),

@@ -96,6 +96,9 @@ COMBINATION_CASES = [
      "config key 'model.head_hidden' must be a multiple of 32 with model.norm = group"),
     (("optim.batch_size=1", "classifier.recent_k=16"),
      "optim.batch_size = 1 leaves 1 image per process: BatchNorm needs at least 2"),
+    (("data.decode=gpu", "run.device=cpu"),
+     "config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e '.[loaders]'); "
+     "this run has no CUDA device"),
 ]
 
 

@@ -38,7 +38,8 @@ try:
 except (ImportError, OSError, RuntimeError):  # optional; its native library must match torch
     torchcodec_decode_jpeg = None
 
-__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "decode", "decode_crops", "decode_center"]
+__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "decode", "decode_crops", "decode_center",
+           "decode_regions_on_host"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -98,16 +99,20 @@ DECODERS = ("auto", "pil", *_FULL, "roi")
 _ROI_DECODER: dict[int, tuple] = {}   # pid -> (nvimgcodec module, Decoder, DecodeParams): one per process
 
 
+def nvimgcodec_installed() -> bool:
+    """Whether nvImageCodec (``nvidia.nvimgcodec``, the loaders extra) can be imported."""
+    try:
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:   # no `nvidia` namespace at all
+        return False
+
+
 def check_decoder(decoder: str) -> None:
     """Raise ValueError for a decoder name that is unknown or whose library is not installed."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
     if decoder == "roi":
-        try:
-            installed = importlib.util.find_spec("nvidia.nvimgcodec") is not None
-        except ModuleNotFoundError:   # no `nvidia` namespace at all
-            installed = False
-        if not installed:
+        if not nvimgcodec_installed():
             raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
 
 
@@ -168,6 +173,21 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y[0].permute(1, 2, 0)
 
 
+def crop_boxes(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[CropSpec],
+               frame: tuple[int, int, int] | None = None) -> list[tuple[int, int, int, int, bool]]:
+    """Each spec's ``(top, left, h, w, flip)`` in the image (its size from the JPEG frame header
+    ``frame`` when given, else read by Pillow; raises on bytes that are no image)."""
+    width, height = frame[:2] if frame is not None else Image.open(io.BytesIO(data)).size
+    return [random_resized_crop(height, width, u, s) for u, s in zip(uniforms, specs)]
+
+
+def decode_regions_on_host(datas: Sequence[bytes], regions: np.ndarray,
+                           decoder: str = DEFAULT_FULL) -> list[torch.Tensor]:
+    """Rows ``[top, top+h)`` × columns ``[left, left+w)`` (``regions[i]`` = ``(top, left, h, w)``) of
+    each image, full-decoded by ``decoder`` on the host: the CPU stand-in of the GPU decode call."""
+    return [decode(d, decoder)[t:t + h, l:l + w] for d, (t, l, h, w) in zip(datas, regions.tolist())]
+
+
 def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[CropSpec],
                  outs: Sequence[torch.Tensor], decoder: str = "auto") -> None:
     """Decode once and write one RandomResizedCrop (+ flip) per spec into ``outs`` (uint8 (s,s,3)).
@@ -177,10 +197,10 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
     """
     frame = jpeg_frame(data)
     size = None if frame is None else frame[:2]
-    width, height = size if size is not None else Image.open(io.BytesIO(data)).size
-    boxes = [random_resized_crop(height, width, u, s) for u, s in zip(uniforms, specs)]
+    boxes = crop_boxes(data, uniforms, specs, frame)
     reduce = min(min(h, w) / s.size for (_, _, h, w, _), s in zip(boxes, specs))
     if decoder in ("auto", "pil") and reduce >= 2 and size is not None:
+        width, height = size
         header = Image.open(io.BytesIO(data))
         # DCT-domain downscaling; the crop boxes are then cut with sub-pixel accuracy by Pillow
         header.draft("RGB", (-(-width // int(reduce)), -(-height // int(reduce))))

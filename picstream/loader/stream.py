@@ -40,16 +40,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
 from ..shards.format import MissingShard, ShardsError
 from .cache import ShardReader, is_local
-from .decode import check_decoder, decode_crops
+from .decode import check_decoder, crop_boxes, decode_crops, jpeg_frame
+from .device_crops import cut_views
 from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
 
-__all__ = ["Batch", "BrokenShardSet", "WindowLoader", "ON_MISSING", "SMALL_CROP_SCALE", "UnreadableStream",
-           "crop_specs"]
+__all__ = ["Batch", "BrokenShardSet", "DECODE_MODES", "EncodedCrops", "WindowLoader", "ON_MISSING",
+           "SMALL_CROP_SCALE", "UnreadableStream", "crop_specs"]
 
 log = logging.getLogger(__name__)
 
 SMALL_CROP_SCALE = (0.08, 0.14)   # multi-crop's small views: the authors' scripts/PIC.sh (--crop 0.08 --crop2 0.14)
 ON_MISSING = ("fail", "skip")
+DECODE_MODES = ("cpu", "gpu")
 
 
 class UnreadableStream(ShardsError):
@@ -85,6 +87,7 @@ class Batch:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    encoded: "EncodedCrops | None" = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,6 +102,17 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+@dataclass
+class EncodedCrops:
+    """What a worker passes under ``decode="gpu"`` instead of pixels: each kept sample's bytes, the
+    union of its crop boxes (``regions`` (b,4): top, left, h, w) and its boxes (``boxes`` (b,V,5):
+    top, left, h, w, flip per view), aligned with the batch's ``ids``."""
+
+    data: list[bytes]
+    regions: np.ndarray
+    boxes: np.ndarray
 
 
 def crop_specs(image_size: int, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: bool = True,
@@ -121,8 +135,9 @@ class _BatchMaker:
     """Reads, decodes and crops the samples of one batch (runs inside the DataLoader workers)."""
 
     def __init__(self, shardset, reader: ShardReader, specs: list[CropSpec], seed: int, decoder: str,
-                 augment=None, on_missing: str = "fail"):
+                 augment=None, on_missing: str = "fail", decode: str = "cpu"):
         self.shardset, self.reader, self.specs = shardset, reader, specs
+        self.decode = decode
         self.seed, self.decoder, self.augment = seed, decoder, augment
         self.on_missing = on_missing
         self._warned: set[tuple[int, str]] = set()
@@ -133,7 +148,8 @@ class _BatchMaker:
         n = len(ids)
         u = sample_uniforms(self.seed, positions, DRAWS_PER_CROP * len(self.specs))
         u = u.reshape(n, len(self.specs), DRAWS_PER_CROP)
-        views = [torch.empty((n, s.size, s.size, 3), dtype=torch.uint8) for s in self.specs]
+        views = ([torch.empty((n, s.size, s.size, 3), dtype=torch.uint8) for s in self.specs]
+                 if self.decode == "cpu" else [[None] * n])   # gpu: slot i holds (bytes, boxes)
         labels = np.full(n, -1, dtype=np.int64)
         got = ids.copy()
         ok = np.zeros(n, dtype=bool)
@@ -154,15 +170,17 @@ class _BatchMaker:
             return _error_batch(step, err)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
         pick = (lambda t: t) if keep is None else (lambda t: t.index_select(0, keep))
+        meta = dict(ids=pick(torch.from_numpy(got)), labels=pick(torch.from_numpy(labels)), step=step,
+                    positions=pick(torch.from_numpy(positions)), skipped=sum(reasons.values()),
+                    skip_reasons=dict(reasons), retries=self.shardset.retry_stats.drain())
+        if self.decode == "gpu":
+            return Batch(images=torch.empty(0, dtype=torch.uint8), encoded=_encoded(
+                [views[0][i] for i in np.flatnonzero(ok)], len(self.specs)), **meta)
         images = [pick(v).permute(0, 3, 1, 2) for v in views]      # (b,3,H,W), channels-last
         if self.augment is not None:
             images = [self.augment(im, _generator(self.seed, step, view))
                       for view, im in enumerate(images)]
-        return Batch(images=images[0], ids=pick(torch.from_numpy(got)),
-                     labels=pick(torch.from_numpy(labels)), step=step,
-                     positions=pick(torch.from_numpy(positions)), skipped=sum(reasons.values()),
-                     extra_crops=images[1:], skip_reasons=dict(reasons),
-                     retries=self.shardset.retry_stats.drain())
+        return Batch(images=images[0], extra_crops=images[1:], **meta)
 
     def _fill(self, i: int, sample_id: int, position: int, u: np.ndarray, views, labels) -> str | None:
         """Read and crop sample ``sample_id`` into slot ``i``: None, or why it failed."""
@@ -179,7 +197,10 @@ class _BatchMaker:
         except Exception as exc:  # noqa: BLE001 - a bad sample is counted, never fatal
             return self._skip(sample_id, position, getattr(exc, "reason", "unreadable"), exc)
         try:
-            decode_crops(data, u, self.specs, [v[i] for v in views], self.decoder)
+            if self.decode == "gpu":   # the geometry only: the pixels are decoded in the iterating process
+                views[0][i] = (data, crop_boxes(data, u, self.specs, jpeg_frame(data)))
+            else:
+                decode_crops(data, u, self.specs, [v[i] for v in views], self.decoder)
         except Exception as exc:  # noqa: BLE001 - a decoder error on damaged data is counted too
             return self._skip(sample_id, position, "decode", exc)
         return None
@@ -191,6 +212,17 @@ class _BatchMaker:
         self._warned.add(key)
         log.log(level, "skipping sample %d (stream position %d, %s): %s", sample_id, position, reason, exc)
         return reason
+
+
+def _encoded(slots: list, num_views: int) -> EncodedCrops:
+    """The kept slots' ``(bytes, boxes)`` as :class:`EncodedCrops`."""
+    boxes = np.array([b for _, b in slots], dtype=np.int64).reshape(len(slots), num_views, 5)
+    top, left = boxes[:, :, 0], boxes[:, :, 1]
+    bottom, right = top + boxes[:, :, 2], left + boxes[:, :, 3]
+    regions = np.stack([top.min(1, initial=2**62), left.min(1, initial=2**62), bottom.max(1, initial=0),
+                        right.max(1, initial=0)], 1)
+    regions[:, 2:] -= regions[:, :2]
+    return EncodedCrops([d for d, _ in slots], regions, boxes)
 
 
 def _error_batch(step: int, err: ShardsError) -> Batch:
@@ -269,6 +301,9 @@ class WindowLoader:
     ``on_missing`` ("fail" or "skip"): what a shard the manifest lists but the storage lacks does.
     ``pin_memory``: with workers, the DataLoader pins each batch in this process (for CUDA copies
     that do not block; with none, the copy to the device pins its own source).
+    ``decode="gpu"``: the workers pass each sample's bytes and crop boxes (:class:`EncodedCrops`) and this
+    process decodes them with ``decode_regions(bytes, regions)`` (uint8 ``(h, w, 3)`` tensors, one per
+    region) and cuts the views with :func:`~.device_crops.cut_views` on the tensors' device.
     """
 
     def __init__(self, shardset, scheduler: SlidingWindowScheduler, batch_size: int, *,
@@ -277,12 +312,17 @@ class WindowLoader:
                  world_size: int = 1, workers: int | None = None, start_step: int = 0,
                  num_steps: int | None = None, seed: int = 0, decoder: str = "auto",
                  cache_dir: str | None = None, cache_bytes: int = 32 << 30, prefetch: bool = True,
-                 pin_memory: bool = False, prefetch_factor: int = 2, augment=None, on_missing: str = "fail"):
+                 pin_memory: bool = False, prefetch_factor: int = 2, augment=None, on_missing: str = "fail",
+                 decode: str = "cpu", decode_regions=None):
         if scheduler.num_instances != len(shardset):
             raise ValueError(f"scheduler has {scheduler.num_instances} IDs, shards {len(shardset)}")
         if batch_size < 1 or not 0 <= rank < world_size or start_step < 0:
             raise ValueError("need batch_size >= 1, 0 <= rank < world_size, start_step >= 0")
         check_decoder(decoder)
+        if decode not in DECODE_MODES or (decode == "gpu") != (decode_regions is not None) or (
+                decode == "gpu" and augment is not None):
+            raise ValueError(f"decode must be one of {DECODE_MODES}; 'gpu' takes decode_regions and no augment")
+        self.decode_regions = decode_regions
         if on_missing not in ON_MISSING:
             raise ValueError(f"on_missing must be one of {ON_MISSING}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -294,7 +334,7 @@ class WindowLoader:
             cache_dir = self._tmp_cache = tempfile.mkdtemp(prefix="picstream-shards-")
             weakref.finalize(self, shutil.rmtree, cache_dir, True)
         self.reader = ShardReader(shardset, cache_dir, cache_bytes, prefetch)
-        maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment, on_missing)
+        maker = _BatchMaker(shardset, self.reader, self.specs, seed, decoder, augment, on_missing, decode)
         self.dataset = _WindowStream(maker, copy.deepcopy(scheduler), batch_size, rank,
                                      world_size, start_step, num_steps)
         self.pin_memory, self._prefetch_factor = pin_memory, prefetch_factor
@@ -317,6 +357,8 @@ class WindowLoader:
         for batch in batches:
             if batch.error is not None:
                 raise BrokenShardSet(batch.error)
+            if batch.encoded is not None and len(batch):
+                batch = self._decoded(batch)
             if len(batch) == 0:
                 reasons = ", ".join(f"{n} {r}" for r, n in sorted(batch.skip_reasons.items()))
                 raise UnreadableStream(
@@ -324,6 +366,13 @@ class WindowLoader:
                     f"{self.dataset.scheduler.window} stream positions all failed ({reasons}); "
                     f"check that the shards under {self.reader.shardset.root} are present and intact")
             yield batch
+
+    def _decoded(self, batch: Batch) -> Batch:
+        """``batch`` with its views decoded by ``decode_regions`` and cut by :func:`cut_views`."""
+        enc = batch.encoded
+        views = cut_views(self.decode_regions(enc.data, enc.regions), enc.regions[:, :2], enc.boxes,
+                          [s.size for s in self.specs])
+        return replace(batch, images=views[0], extra_crops=views[1:], encoded=None)
 
     def close(self) -> None:
         """Stop the worker processes and remove a temporary shard cache."""
