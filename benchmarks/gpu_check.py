@@ -400,7 +400,7 @@ class NoRows(MultiViewLoss):
     def prefetch(self, start: int, stop: int) -> None:
         """Nothing to prefetch."""
 
-    def read_ahead(self, next_ids) -> None:
+    def read_ahead(self, next_ids, lr=None) -> None:
         """Nothing to read ahead."""
 
     def device_bytes(self) -> int:

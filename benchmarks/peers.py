@@ -145,19 +145,23 @@ def train_peer(method: str, arch: str, data: TwoViews, epochs: float, seed: int)
 
 def calibrate(methods: list[str], scale, splits: DataSplits, data: TwoViews, arch: str, out: Path,
               num_instances: int, path: Path) -> dict[str, float]:
-    """Each peer's cost per epoch relative to PIC's (``path`` caches it). Per peer, back to back: PIC
-    for 1 and 3 epochs (the difference of their training CPU seconds cancels start-up and the k-NN
-    monitor), then the peer for 2 epochs in this process."""
+    """Each peer's cost per epoch relative to PIC's (``path`` caches it). Measure on an otherwise idle
+    machine: on shared cores a busy sibling inflates CPU seconds, and not by the same factor for
+    every workload. Back to back: PIC for 1 epoch, each peer for 2 epochs in this process, PIC for 3
+    epochs (the difference of PIC's training CPU seconds cancels start-up and the k-NN monitor)."""
     if path.exists():
         return json.loads(path.read_text())
-    ratios = {}
-    for i, method in enumerate(methods):   # another seed per peer, so no PIC run is reused
-        grid = Grid("peers-calibration", "", "", (), ())
-        pic = [run_variant(grid, Variant(f"pic {e}ep", (f"optim.epochs={e}",)), i, scale, splits, out,
-                           num_instances, print)["train_cpu_s"] for e in (1, 3)]
-        peer_s = train_peer(method, arch, data, 2, i)[1]
-        ratios[method] = (peer_s / 2) / ((pic[1] - pic[0]) / 2)
-        print(f"calibration: {method} costs {ratios[method]:.2f}x PIC per epoch")
+    grid = Grid("peers-calibration", "", "", (), ())
+
+    def pic_cpu_s(e: int) -> float:
+        return run_variant(grid, Variant(f"pic {e}ep", (f"optim.epochs={e}",)), 0, scale, splits, out,
+                           num_instances, print)["train_cpu_s"]
+
+    one = pic_cpu_s(1)
+    peer_s = {method: train_peer(method, arch, data, 2, 0)[1] / 2 for method in methods}
+    pic_per_epoch = (pic_cpu_s(3) - one) / 2
+    ratios = {method: s / pic_per_epoch for method, s in peer_s.items()}
+    print("calibration: per epoch " + ", ".join(f"{m} costs {r:.2f}x PIC" for m, r in ratios.items()))
     path.write_text(json.dumps(ratios, indent=2) + "\n")
     return ratios
 

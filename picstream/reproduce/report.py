@@ -208,10 +208,12 @@ def _standing(peers: list[dict], pic: list[dict]) -> str:
                          f"from {len(tops)} seed{'s' if len(tops) > 1 else ''}, no verdict)")
     return (f"Where PIC stands at this scale: PIC's base run reaches k-NN top-1 {statistics.mean(pic_tops):.1f} "
             f"({len(pic_tops)} seeds); it is " + "; ".join(parts) + ". Peers are lightly's SimCLR, MoCo v2 and "
-            "BYOL on the same backbone, data, image size and k-NN protocol (`benchmarks/peers.py`); "
+            "BYOL on the same backbone, data, image size and k-NN protocol (`benchmarks/peers.py`); " + (
+            "at equal time: not measured yet (`benchmarks/peers.py` first calibrates each peer's cost per epoch "
+            "against PIC's on an idle machine)." if not any(r["budget"] == "time" for r in peers) else
             "\"equal time\" is PIC's training compute: PIC's epochs x PIC's cost per epoch / the peer's, both "
             "measured back to back under the same load (CPU seconds measured at different loads are not "
-            "comparable on this machine's shared cores)." + _costs(peers))
+            "comparable on this machine's shared cores)." + _costs(peers)))
 
 
 def _costs(peers: list[dict]) -> str:
