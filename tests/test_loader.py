@@ -12,7 +12,10 @@ import torchvision.transforms.v2.functional as TF
 from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
+from PIL import Image
+
 from picstream.loader import EvalLoader, WindowLoader
+from picstream.loader.decode import jpeg_frame
 from picstream.loader.stream import BrokenShardSet
 from picstream.loader.geometry import (DRAWS_PER_CROP, CropSpec, random_resized_crop,
                                        sample_uniforms)
@@ -190,6 +193,48 @@ def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
     resumed = batches(WindowLoader(broken, sched, 25, image_size=16, workers=2, num_steps=1,
                                    start_step=bad[0].step))
     assert torch.equal(resumed[0].images, bad[0].images) and torch.equal(resumed[0].ids, bad[0].ids)
+
+
+@pytest.mark.loaders
+def test_roi_batches_equal_the_full_decode_batches(imagenet_sample_dir, tmp_path):
+    """decoder="roi" decodes each batch's crop windows in one nvImageCodec call: its batches equal the full
+    decoder's exactly (0 and 2 workers, multi-crop), with a CMYK JPEG, a grayscale one and a PNG among the
+    photos (decoded in full) and a truncated JPEG (intact per its checksum, its frame header readable)
+    skipped as "decode" and its slot refilled alike."""
+    from conftest import require
+
+    require("nvidia.nvimgcodec")
+    src = tmp_path / "src"
+    src.mkdir()
+    files = sorted(imagenet_sample_dir.iterdir())[300:340]
+    for f in files:
+        (src / f.name).symlink_to(f)
+    photo = Image.open(files[0])
+    photo.convert("CMYK").save(src / "cmyk.jpg", quality=90)
+    photo.convert("L").save(src / "gray.jpg", quality=90)
+    photo.save(src / "photo.png")
+    make_shards(src, tmp_path / "shards", shard_size=8, seed=4, labels=False, progress=False)
+    ss = ShardSet.open(tmp_path / "shards")
+    victim = next(i for i in range(len(ss)) if (jpeg_frame(ss.read(i)) or (0, 0, 0))[2] == 3)
+    k, row = divmod(victim, ss.shard_size)
+    offset, nbytes, _ = ss.index(k)[row]
+    data = ss.read(victim)
+    truncated = data[:nbytes // 2].ljust(nbytes, b"\0")   # same length: the tar stays as it is
+    with open(tmp_path / "shards" / f"shard-{k:06d}.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(truncated)
+    reindex(tmp_path / "shards", k, row, truncated)
+    ss = ShardSet.open(tmp_path / "shards")
+    assert jpeg_frame(ss.read(victim)) == jpeg_frame(data)
+    sched = EpochScheduler(len(ss), seed=0)
+    kw = dict(image_size=48, num_steps=4, seed=3, multi_crop=[(24, 2)])
+    want = batches(WindowLoader(ss, sched, 11, workers=0, decoder="simplejpeg", **kw))   # all 43 samples
+    assert sum((Counter(b.skip_reasons) for b in want), Counter()) == {"decode": 1}
+    for workers in (0, 2):
+        got = batches(WindowLoader(ss, sched, 11, workers=workers, decoder="roi", **kw))
+        for x, y in zip(want, got, strict=True):
+            assert torch.equal(x.ids, y.ids) and x.skip_reasons == y.skip_reasons
+            assert all(torch.equal(p, q) for p, q in zip([x.images, *x.extra_crops], [y.images, *y.extra_crops]))
 
 
 def reindex(root, k: int, row: int, data: bytes) -> None:

@@ -38,8 +38,8 @@ try:
 except (ImportError, OSError, RuntimeError):  # optional; its native library must match torch
     torchcodec_decode_jpeg = None
 
-__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "decode", "decode_crops", "decode_center",
-           "decode_regions_on_host"]
+__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "cut_crops", "cut_windowed_crops", "decode", "decode_crops",
+           "decode_center", "decode_regions_on_host", "decode_windows", "union_box", "windowed"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -131,16 +131,32 @@ def _roi_decoder() -> tuple:
     return _ROI_DECODER[pid]
 
 
-def _decode_region(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor | None:
-    """Rows ``[top, top+height)`` × columns ``[left, left+width)`` of a JPEG as uint8 ``(height, width, 3)``,
-    decoding only that window; None when nvImageCodec cannot decode it."""
+def decode_windows(datas: Sequence[bytes], windows: Sequence[tuple[int, int, int, int]]
+                   ) -> list[torch.Tensor | None]:
+    """Rows ``[top, top+h)`` × columns ``[left, left+w)`` (``windows[i]`` = ``(top, left, h, w)``) of each
+    JPEG as uint8 ``(h, w, 3)``, decoding only that window, in one nvImageCodec call (per-call overhead
+    is paid once per batch); None for an image it cannot decode."""
     nvimgcodec, decoder, params = _roi_decoder()
-    region = nvimgcodec.Region(top, left, top + height, left + width)
-    image = decoder.decode(nvimgcodec.CodeStream(data).get_sub_code_stream(region=region), params=params)
-    if image is None:
-        return None
-    x = torch.from_numpy(np.asarray(image.cpu()))
-    return x if tuple(x.shape) == (height, width, 3) else None
+    streams = [nvimgcodec.CodeStream(d).get_sub_code_stream(region=nvimgcodec.Region(t, l, t + h, l + w))
+               for d, (t, l, h, w) in zip(datas, windows)]
+    out = []
+    for image, (_, _, h, w) in zip(decoder.decode(streams, params=params), windows):
+        x = None if image is None else torch.from_numpy(np.asarray(image))   # a view the Image keeps alive
+        out.append(x if x is not None and tuple(x.shape) == (h, w, 3) else None)
+    return out
+
+
+def union_box(boxes: Sequence[tuple]) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of the smallest window holding every ``(top, left, h, w, ...)`` box."""
+    top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return top, left, max(b[0] + b[2] for b in boxes) - top, max(b[1] + b[3] for b in boxes) - left
+
+
+def windowed(frame: tuple[int, int, int] | None) -> bool:
+    """Whether ``"roi"`` decodes a JPEG with this frame header by window: 1- or 3-component ones
+    (CMYK / YCCK ones in full: nvImageCodec's conversion of them to RGB differs from simplejpeg's by up
+    to 2 levels, benchmarks/README.md, "Region-of-interest decode")."""
+    return frame is not None and frame[2] in (1, 3)
 
 
 def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
@@ -164,11 +180,14 @@ def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Antialiased bilinear resize of uint8 ``(h, w, 3)`` to ``size`` ``(h, w)``, HWC out.
 
-    Channels-last uint8 is the layout torch's vectorised antialias kernel wants.
+    Channels-last uint8 is the layout torch's vectorised antialias kernel wants. The NCHW view is made
+    from ``(1, h, w, 3)`` so its strides are the canonical channels-last ones: a view made from ``(3, h, w)``
+    has a batch stride torch does not read as channels-last, and the kernel then writes planar output,
+    which made copying each crop out 35x slower (benchmarks/README.md, "Region-of-interest decode").
     """
     if tuple(x.shape[:2]) == tuple(size):
         return x
-    x = x.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    x = x.contiguous().unsqueeze(0).permute(0, 3, 1, 2)
     y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0)
 
@@ -211,25 +230,39 @@ def decode_crops(data: bytes, uniforms: Sequence[np.ndarray], specs: Sequence[Cr
             y = _pil_to_hwc(img.resize((spec.size, spec.size), Image.BILINEAR, box=box))
             out.copy_(y.flip(1) if flip else y)
         return
-    # 4-component (CMYK / YCCK) JPEGs are decoded in full: nvImageCodec's conversion to RGB differs from
-    # simplejpeg's by up to 2 levels (benchmarks/README.md, "Region-of-interest decode")
-    img, top0, left0 = _crop_source(data, boxes, decoder == "roi" and frame is not None and frame[2] in (1, 3),
-                                    decoder)
-    for (top, left, h, w, flip), spec, out in zip(boxes, specs, outs):
-        y = _resize(img[top - top0:top - top0 + h, left - left0:left - left0 + w], (spec.size, spec.size))
+    sizes = [s.size for s in specs]
+    if decoder == "roi" and windowed(frame):
+        error = cut_windowed_crops([data], [boxes], sizes, [outs])[0]
+        if error is not None:
+            raise error
+        return
+    cut_crops(decode(data, decoder), 0, 0, boxes, sizes, outs)
+
+
+def cut_crops(img: torch.Tensor, top0: int, left0: int, boxes: Sequence[tuple], sizes: Sequence[int],
+              outs: Sequence[torch.Tensor]) -> None:
+    """Write each ``(top, left, h, w, flip)`` box of the image, resized to ``sizes[i]`` square and flipped
+    when told, into ``outs[i]``; ``img`` holds the image's pixels from ``(top0, left0)`` on."""
+    for (top, left, h, w, flip), size, out in zip(boxes, sizes, outs):
+        y = _resize(img[top - top0:top - top0 + h, left - left0:left - left0 + w], (size, size))
         out.copy_(y.flip(1) if flip else y)
 
 
-def _crop_source(data: bytes, boxes, window: bool, decoder: str) -> tuple[torch.Tensor, int, int]:
-    """The pixels the crop boxes are cut from and their top-left corner in the image: with ``window`` (a
-    1- or 3-component JPEG under ``"roi"``) only the union of the boxes, otherwise the whole image."""
-    if window:
-        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
-        img = _decode_region(data, top, left, max(b[0] + b[2] for b in boxes) - top,
-                             max(b[1] + b[3] for b in boxes) - left)
-        if img is not None:
-            return img, top, left
-    return decode(data, decoder), 0, 0
+def cut_windowed_crops(datas: Sequence[bytes], boxes: Sequence[Sequence[tuple]], sizes: Sequence[int],
+                       outs: Sequence[Sequence[torch.Tensor]]) -> list[Exception | None]:
+    """``"roi"`` for many JPEGs at once: the union of each one's crop ``boxes`` decoded in one
+    :func:`decode_windows` call, then its crops cut into ``outs[i]`` (the full decode where nvImageCodec
+    cannot); per JPEG, None or the error that stopped its decode."""
+    windows = [union_box(b) for b in boxes]
+    errors: list[Exception | None] = []
+    for data, box, window, img, out in zip(datas, boxes, windows, decode_windows(datas, windows), outs):
+        try:
+            img, top, left = (decode(data), 0, 0) if img is None else (img, window[0], window[1])
+            cut_crops(img, top, left, box, sizes, out)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - the caller decides what a bad sample costs
+            errors.append(exc)
+    return errors
 
 
 def decode_center(data: bytes, size: int, resize: int | None, out: torch.Tensor,

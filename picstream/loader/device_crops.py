@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .decode import _resize
+from .decode import cut_crops
 
 __all__ = ["cut_views"]
 
@@ -24,8 +24,5 @@ def cut_views(images: Sequence[torch.Tensor], origins: np.ndarray, boxes: np.nda
     device = images[0].device
     views = [torch.empty((len(images), s, s, 3), dtype=torch.uint8, device=device) for s in sizes]
     for i, img in enumerate(images):
-        top0, left0 = (int(v) for v in origins[i])
-        for v, (top, left, h, w, flip) in enumerate(boxes[i].tolist()):
-            y = _resize(img[top - top0:top - top0 + h, left - left0:left - left0 + w], (sizes[v], sizes[v]))
-            views[v][i] = y.flip(1) if flip else y
+        cut_crops(img, int(origins[i][0]), int(origins[i][1]), boxes[i].tolist(), sizes, [v[i] for v in views])
     return [v.permute(0, 3, 1, 2) for v in views]

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..scheduler import SlidingWindowScheduler, batch_positions, worker_steps
 from ..shards.format import MissingShard, ShardsError
 from .cache import ShardReader, is_local
-from .decode import check_decoder, crop_boxes, decode_crops, jpeg_frame
+from .decode import check_decoder, crop_boxes, cut_windowed_crops, decode_crops, jpeg_frame, windowed
 from .device_crops import cut_views
 from .geometry import DRAWS_PER_CROP, CropSpec, sample_uniforms
 
@@ -156,16 +156,28 @@ class _BatchMaker:
         reasons: Counter[str] = Counter()
         tried = set(ids.tolist())
         spares = (c for c in spares if c not in tried)
+        # "roi": the slots' windows are decoded together after the loop, one nvImageCodec call per batch
+        windows = {} if self.decoder == "roi" and self.decode == "cpu" else None
+
+        def fill(i: int, sample_id: int | None, windows: dict | None) -> None:
+            while sample_id is not None:
+                reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels, windows)
+                if reason is None:
+                    got[i], ok[i] = sample_id, True
+                    return
+                reasons[reason] += 1
+                sample_id = next(spares, None)
+                tried.add(sample_id)
+
         try:
             for i, sample_id in enumerate(ids.tolist()):
-                while sample_id is not None:
-                    reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels)
-                    if reason is None:
-                        got[i], ok[i] = sample_id, True
-                        break
-                    reasons[reason] += 1
-                    sample_id = next(spares, None)
-                    tried.add(sample_id)
+                fill(i, sample_id, windows)
+            for i in self._cut_windows(windows or {}, views):   # a slot whose pixels did not decode
+                ok[i] = False
+                reasons["decode"] += 1
+                sample_id = next(spares, None)
+                tried.add(sample_id)
+                fill(i, sample_id, None)
         except ShardsError as err:
             return _error_batch(step, err)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
@@ -182,8 +194,10 @@ class _BatchMaker:
                       for view, im in enumerate(images)]
         return Batch(images=images[0], extra_crops=images[1:], **meta)
 
-    def _fill(self, i: int, sample_id: int, position: int, u: np.ndarray, views, labels) -> str | None:
-        """Read and crop sample ``sample_id`` into slot ``i``: None, or why it failed."""
+    def _fill(self, i: int, sample_id: int, position: int, u: np.ndarray, views, labels,
+              windows: dict | None = None) -> str | None:
+        """Read and crop sample ``sample_id`` into slot ``i`` (with ``windows``, a JPEG ``"roi"`` decodes
+        by window is only read and its crop boxes drawn, into ``windows[i]``): None, or why it failed."""
         try:
             data, labels[i] = self.reader.read_sample(sample_id)
         except ShardsError:
@@ -199,11 +213,26 @@ class _BatchMaker:
         try:
             if self.decode == "gpu":   # the geometry only: the pixels are decoded in the iterating process
                 views[0][i] = (data, crop_boxes(data, u, self.specs, jpeg_frame(data)))
+            elif windows is not None and windowed(frame := jpeg_frame(data)):
+                windows[i] = (sample_id, position, data, crop_boxes(data, u, self.specs, frame))
             else:
                 decode_crops(data, u, self.specs, [v[i] for v in views], self.decoder)
         except Exception as exc:  # noqa: BLE001 - a decoder error on damaged data is counted too
             return self._skip(sample_id, position, "decode", exc)
         return None
+
+    def _cut_windows(self, windows: dict, views) -> list[int]:
+        """Cut the crops of the ``windows`` (slot -> sample ID, position, bytes, crop boxes) decoded
+        together (:func:`cut_windowed_crops`); returns the slots whose pixels did not decode."""
+        if not windows:
+            return []
+        slots = list(windows)
+        errors = cut_windowed_crops([windows[i][2] for i in slots], [windows[i][3] for i in slots],
+                                    [s.size for s in self.specs], [[v[i] for v in views] for i in slots])
+        for i, exc in zip(slots, errors):
+            if exc is not None:
+                self._skip(windows[i][0], windows[i][1], "decode", exc)
+        return [i for i, exc in zip(slots, errors) if exc is not None]
 
     def _skip(self, sample_id: int, position: int, reason: str, exc: Exception) -> str:
         """Log a skipped sample: a warning for the first one of each (shard, reason), then debug."""
