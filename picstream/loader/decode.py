@@ -39,7 +39,7 @@ except (ImportError, OSError, RuntimeError):  # optional; its native library mus
     torchcodec_decode_jpeg = None
 
 __all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "decode", "decode_crops", "decode_center",
-           "decode_regions_on_host"]
+           "decode_regions_on_host", "nvimgcodec_decoder"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -116,18 +116,24 @@ def check_decoder(decoder: str) -> None:
             raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
 
 
+def nvimgcodec_decoder(cuda_index: int | None = None, threads: int = 1) -> tuple:
+    """``(nvimgcodec module, Decoder, DecodeParams)`` decoding as the full decoders do (fancy upsampling,
+    sRGB, no EXIF rotation): on CUDA device ``cuda_index`` with nvImageCodec's default back ends (GPU
+    first), or on its libjpeg-turbo CPU back end when None; ``threads``: its CPU threads (0: one per core)."""
+    from nvidia import nvimgcodec
+    cpu_only = dict(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])
+    where = dict(device_id=cuda_index) if cuda_index is not None else cpu_only
+    decoder = nvimgcodec.Decoder(max_num_cpu_threads=threads, options=":fancy_upsampling=1", **where)
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB)
+    return nvimgcodec, decoder, params
+
+
 def _roi_decoder() -> tuple:
     """This process's nvImageCodec CPU decoder (made after a fork, never inherited through one)."""
     pid = os.getpid()
     if pid not in _ROI_DECODER:
-        from nvidia import nvimgcodec
-        decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
-                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
-                                     options=":fancy_upsampling=1")   # as simplejpeg / TorchCodec upsample
-        # no EXIF rotation: the full decoders do not apply it either
-        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB)
         _ROI_DECODER.clear()
-        _ROI_DECODER[pid] = (nvimgcodec, decoder, params)
+        _ROI_DECODER[pid] = nvimgcodec_decoder()
     return _ROI_DECODER[pid]
 
 
@@ -161,15 +167,23 @@ def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
     return _pil(data)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], via_float: bool | None = None) -> torch.Tensor:
     """Antialiased bilinear resize of uint8 ``(h, w, 3)`` to ``size`` ``(h, w)``, HWC out.
 
-    Channels-last uint8 is the layout torch's vectorised antialias kernel wants.
+    Channels-last uint8 is the layout torch's vectorised antialias kernel wants. Off the CPU (torch has
+    no uint8 antialias kernel on CUDA) it computes in float32 and rounds (``via_float``, None: off the
+    CPU), within 1 level of the uint8 kernel (tests/test_device_crops.py).
     """
     if tuple(x.shape[:2]) == tuple(size):
         return x
+    if via_float is None:
+        via_float = x.device.type != "cpu"
     x = x.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if via_float:
+        y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0)
 
 
