@@ -14,6 +14,8 @@ from PIL import Image
 
 from conftest import require
 from odd_jpegs import ODD_JPEGS
+from picstream.config import ConfigError, load_config
+from picstream.distributed import World
 from picstream.loader import WindowLoader
 from picstream.loader.decode import DEFAULT_FULL, _resize, crop_boxes, decode, decode_crops, decode_regions_on_host
 from picstream.loader.device_crops import cut_views
@@ -23,6 +25,7 @@ from picstream.loader.nvimgcodec_regions import (FAILED, FOUR_COMPONENTS, NOT_JP
 from picstream.loader.stream import _encoded, crop_specs
 from picstream.scheduler import SlidingWindowScheduler
 from picstream.shards import ShardSet, make_shards
+from picstream.train_data import train_loader_from_config
 
 
 @pytest.mark.parametrize("window", [False, True], ids=["whole image", "union of the boxes"])
@@ -137,21 +140,27 @@ def test_region_decode_falls_back_to_the_host_and_counts_it():
     assert decode_regions.fallbacks == {NOT_JPEG: 2, FOUR_COMPONENTS: 1, FAILED: 1}
 
 
+@pytest.fixture(scope="module")
+def sample_shards(imagenet_sample_dir, tmp_path_factory):
+    """40 photos of the ImageNet sample as a shard set of 8-sample shards: its folder."""
+    root = tmp_path_factory.mktemp("sample-shards")
+    (root / "src").mkdir()
+    for f in sorted(imagenet_sample_dir.iterdir())[:40]:
+        (root / "src" / f.name).symlink_to(f)
+    make_shards(root / "src", root / "shards", shard_size=8, seed=3, labels=False, progress=False)
+    return root / "shards"
+
+
 @pytest.mark.parametrize("decoder", ["host", pytest.param("nvimgcodec", marks=pytest.mark.loaders)],
                          ids=["host decode", "nvImageCodec CPU back end"])
-def test_gpu_mode_batches_equal_the_cpu_path(imagenet_sample_dir, tmp_path, decoder):
+def test_gpu_mode_batches_equal_the_cpu_path(sample_shards, decoder):
     """decode="gpu" with the host decoder, or nvImageCodec's batched region decode on its CPU back end, in
     place of the device call: the workers pass bytes and boxes, the iterating process decodes and cuts
     them; the batches equal the CPU path's exactly (any worker count)."""
     if decoder == "nvimgcodec":
         require("nvidia.nvimgcodec")
     decode_regions = NvImageCodecRegions("cpu", DEFAULT_FULL) if decoder == "nvimgcodec" else decode_regions_on_host
-    src = tmp_path / "src"
-    src.mkdir()
-    for f in sorted(imagenet_sample_dir.iterdir())[:40]:
-        (src / f.name).symlink_to(f)
-    make_shards(src, tmp_path / "shards", shard_size=8, seed=3, labels=False, progress=False)
-    shards = ShardSet.open(tmp_path / "shards")
+    shards = ShardSet.open(sample_shards)
     sched = SlidingWindowScheduler(len(shards), 24, 8, seed=1)
     kw = dict(image_size=32, num_steps=6, seed=2, multi_crop=[(16, 2)], decoder=DEFAULT_FULL)
     with WindowLoader(shards, sched, 7, workers=0, **kw) as cpu:
@@ -165,3 +174,28 @@ def test_gpu_mode_batches_equal_the_cpu_path(imagenet_sample_dir, tmp_path, deco
             assert torch.equal(a.ids, b.ids) and b.images.is_contiguous(memory_format=torch.channels_last)
             assert all(torch.equal(x, y) for x, y in zip([a.images, *a.extra_crops], [b.images, *b.extra_crops]))
     assert not getattr(decode_regions, "fallbacks", None)
+
+
+@pytest.mark.loaders
+def test_trainer_loader_decodes_gpu_mode_with_the_given_call(sample_shards):
+    """`train_loader_from_config` under data.decode: gpu: refused in one line on the CPU without a decode
+    call (the trainer's own, nvImageCodec on the device, needs CUDA); given nvImageCodec's CPU back end, its
+    batches are those with the host decode given (the CPU path's, test above)."""
+    require("nvidia.nvimgcodec")
+    shards = ShardSet.open(sample_shards)
+    sched = SlidingWindowScheduler(len(shards), 24, 8, seed=1)
+    config = load_config(None, [f"data.train={sample_shards}", "data.image_size=32", "data.workers=0",
+                                "optim.batch_size=7", "data.multi_crop=[[16,2]]", "data.decode=gpu"])
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="gpu needs a CUDA device and nvImageCodec"):
+        train_loader_from_config(config, shards, sched, World(), cpu, start_step=0, num_steps=3)
+    batches = {}
+    for name, decode_regions in (("host", decode_regions_on_host), ("nvimgcodec", NvImageCodecRegions(cpu))):
+        with train_loader_from_config(config, shards, sched, World(), cpu, start_step=0, num_steps=3,
+                                      decode_regions=decode_regions) as loader:
+            assert loader.decode_regions is decode_regions
+            batches[name] = list(loader)
+    assert len(batches["host"]) == len(batches["nvimgcodec"]) == 3 and not decode_regions.fallbacks
+    for a, b in zip(batches["host"], batches["nvimgcodec"]):
+        assert torch.equal(a.ids, b.ids) and len(b.extra_crops) == 2
+        assert all(torch.equal(x, y) for x, y in zip([a.images, *a.extra_crops], [b.images, *b.extra_crops]))
