@@ -13,7 +13,8 @@ decoders' exactly on the ImageNet sample and on odd JPEGs (progressive, restart 
 subsampling, grayscale, odd sizes; tests/test_decode.py); anything else it decodes like ``"auto"``'s full
 decoders, and so are CMYK / YCCK JPEGs (nvImageCodec's RGB conversion of them differs). No decoder
 applies EXIF orientation (``"roi"`` neither). Crops are resized with torch's antialiased bilinear kernel
-on uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
+on uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md); off
+the CPU, where torch has no such uint8 kernel, in float32 and rounded (within 1 level of it).
 """
 from __future__ import annotations
 
