@@ -43,7 +43,8 @@ class NvImageCodecRegions:
     """``decode_regions(datas, regions)`` on ``device`` (``regions[i]`` = ``(top, left, h, w)``) → one uint8
     ``(h, w, 3)`` tensor per sample on ``device``; ``host_decoder``: the fallback's full decoder.
 
-    The nvImageCodec decoder is made on first use in each process (never inherited through a fork).
+    The nvImageCodec decoder is made on first use in each process (never inherited through a fork), on
+    ``device``'s index (a bare ``"cuda"``: the current CUDA device then).
     ``fallbacks`` counts the samples decoded on the host, by reason (:data:`FALLBACK_REASONS`).
     """
 
@@ -57,7 +58,9 @@ class NvImageCodecRegions:
 
     def _decoder(self) -> tuple:
         if self._made is None or self._made[0] != os.getpid():
-            cuda_index = (self.device.index or 0) if self.device.type == "cuda" else None
+            cuda_index = None   # the CPU back end
+            if self.device.type == "cuda":   # a bare "cuda" is the current device (a rank's, once it is set)
+                cuda_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self._made = (os.getpid(), *nvimgcodec_decoder(cuda_index, threads=0))
         return self._made[1:]
 
