@@ -17,6 +17,8 @@
      ``max_memory_allocated`` per N; the full-N classifier at 1.28M and 7.47M rows (or the OOM);
   4. real data: the ImageNet sample, repeated, through the WindowLoader with every CPU core and the
      colour augmentation on the device: img/s and the step time split (waiting for data vs training);
+     then the same with ``data.decode: gpu`` (nvImageCodec on the device; on the CPU its CPU back end,
+     which only runs the code path): img/s, starved share, samples decoded on the host;
   5. quality: CIFAR-10 (50k train images), ResNet-18 with the CIFAR stem, as many epochs as fit in
      what is left of the budget, then k-NN top-1 on the 10k test images beside the random init.
 
@@ -43,7 +45,7 @@ import tarfile
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,9 +63,12 @@ from loader import prepare  # noqa: E402  (benchmarks/loader.py: ImageNet sample
 from picstream.classifier import MultiViewLoss  # noqa: E402
 from picstream.config import load_config  # noqa: E402
 from picstream.evaluate import extract_splits, knn_classify  # noqa: E402
+from picstream.loader.decode import nvimgcodec_installed  # noqa: E402
+from picstream.loader.nvimgcodec_regions import NvImageCodecRegions  # noqa: E402
 from picstream.model import PICNet  # noqa: E402
 from picstream.shards import make_shards  # noqa: E402
 from picstream.train import Trainer  # noqa: E402
+from picstream.train_data import train_loader_from_config  # noqa: E402
 
 GOAL_IMG_S = 2500        # ResNet-50 img/s on one H100, recent-K and loader-fed
 GOAL_RECENT_RATIO = 0.97  # recent-K within 3% of backbone + head only
@@ -554,16 +559,58 @@ def drive(trainer: Trainer, loader, warm: int, steps: int, deadline: float) -> d
             "starved": wait / total if total else float("nan")}
 
 
-def train_on_shards(config, warm: int, steps: Optional[int], deadline: float) -> tuple[Trainer, dict]:
-    """A fresh Trainer from ``config`` driven through its own loader (all its steps when ``steps``
-    is None, stopping at the deadline); returns it with the timings of :func:`drive`."""
+def train_on_shards(config, warm: int, steps: Optional[int], deadline: float,
+                    make_loader: Callable = Trainer.make_loader) -> tuple[Trainer, dict]:
+    """A fresh Trainer from ``config`` driven through ``make_loader(trainer)`` (its own loader by
+    default; all its steps when ``steps`` is None, stopping at the deadline); returns it with the
+    timings of :func:`drive` and, under ``data.decode: gpu``, the samples decoded on the host."""
     trainer = Trainer(config, resume="none", show_progress=False)
-    loader = trainer.make_loader()
+    loader = make_loader(trainer)
     try:
-        return trainer, drive(trainer, loader, warm, steps or trainer.total_steps, deadline)
+        r = drive(trainer, loader, warm, steps or trainer.total_steps, deadline)
+        regions = getattr(loader, "decode_regions", None)
+        return trainer, r if regions is None else {**r, "host_decodes": dict(regions.fallbacks)}
     finally:
         loader.close()
         trainer.classifier.close()
+
+
+def gpu_mode_on_cpu(trainer: Trainer):
+    """The trainer's loader under ``data.decode: gpu`` with nvImageCodec's CPU back end (no CUDA device:
+    the trainer refuses gpu decode there; this runs its code path only) and the colour augmentation in
+    the trainer (gpu mode takes none in the workers)."""
+    config = replace(trainer.config, data=replace(trainer.config.data, decode="gpu"))
+    return train_loader_from_config(config, trainer.shards, trainer.scheduler, trainer.world, trainer.device,
+                                    start_step=trainer.start_step,
+                                    num_steps=trainer.total_steps - trainer.start_step,
+                                    decode_regions=NvImageCodecRegions(trainer.device))
+
+
+def gpu_decode_run(check: Check, run_dir: Path, overrides: list[str]) -> tuple[str, str, Optional[dict]]:
+    """Section 4's run (its config ``overrides``) again in ``run_dir`` with ``data.decode: gpu``: on CUDA
+    the trainer's own nvImageCodec decode on the device, else :func:`gpu_mode_on_cpu`; the row's label and
+    value, and the timings (None when the row did not run: skipped or failed)."""
+    config = check.config("in1k.yaml", run_dir, *overrides,
+                          *(["data.decode=gpu"] if check.device.type == "cuda" else []))
+    if check.device.type == "cuda":
+        label, make_loader = f"data.decode: gpu (nvImageCodec on {check.device})", Trainer.make_loader
+    else:
+        label = "data.decode: gpu (nvImageCodec CPU back end, no device: the code path only)"
+        make_loader = gpu_mode_on_cpu
+    if not nvimgcodec_installed():
+        return label, "skipped: nvImageCodec is not installed (pip install -e '.[loaders]')", None
+    if check.left() <= 0:
+        return label, "skipped: section time is up", None
+    try:
+        _, r = train_on_shards(config, check.sizes.warm_steps, check.sizes.loader_steps, check.deadline,
+                               make_loader)
+    except SectionTimeout:
+        raise
+    except Exception as err:  # noqa: BLE001 - the CPU path's rows stand; the failure is this row's result
+        first = (str(err).splitlines() or [""])[0]
+        return label, f"failed: {'OOM: ' if is_oom(err) else ''}{type(err).__name__}: {first}", None
+    return label, (f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved, "
+                   f"{sum(r['host_decodes'].values())} host decodes"), r
 
 
 def real_data(check: Check, sec: Section) -> None:
@@ -574,8 +621,9 @@ def real_data(check: Check, sec: Section) -> None:
                         workers=check.cores, limit=s.inet_limit)
     prep_s = time.perf_counter() - t0
     batch = s.batch if check.device.type == "cuda" else min(s.batch, 8)
-    config = check.config("in1k.yaml", work / "run", f"data.train={shards / 'manifest.json'}",
-                          f"data.workers={check.cores}", *check.model_overrides(batch))
+    overrides = [f"data.train={shards / 'manifest.json'}", f"data.workers={check.cores}",
+                 *check.model_overrides(batch)]
+    config = check.config("in1k.yaml", work / "run", *overrides)
     trainer, r = train_on_shards(config, s.warm_steps, s.loader_steps, check.deadline)
     where = "device" if check.device.type == "cuda" else "CPU loader workers (no device)"
     sec.title += (f" — {s.arch}, {s.image} px, batch {batch}, {check.cores} loader workers, "
@@ -587,8 +635,13 @@ def real_data(check: Check, sec: Section) -> None:
                 ["img/s fed by the loader (end to end)", f"{r['img_s']:.0f}"],
                 ["img/s of the training step alone", f"{r['img_s_compute_only']:.0f}"],
                 ["share of the time waiting for data (starved)", f"{100 * r['starved']:.1f} %"],
-                [f"img/s vs the {GOAL_IMG_S} img/s goal", f"{r['img_s'] / GOAL_IMG_S:.2f}x"]]
+                [f"img/s vs the {GOAL_IMG_S} img/s goal", f"{r['img_s'] / GOAL_IMG_S:.2f}x"],
+                ["data.decode: cpu (the rows above)",
+                 f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved"]]
     sec.summary = {**r, "prep_s": prep_s, "workers": check.cores, "batch": batch}
+    label, value, gpu = gpu_decode_run(check, work / "run-gpu-decode", overrides)
+    sec.rows.append([label, value])
+    sec.summary["gpu_decode"] = gpu or {"status": value}
 
 
 # ---------------------------------------------------------------------------- 5. quality
@@ -720,6 +773,9 @@ def headline(sections: dict[int, Section]) -> tuple[list[list], str]:
                  f"{fed:.0f} ({100 * starved:.0f} %)" if fed else "n/a", f">= {GOAL_IMG_S}"])
     parts.append(f"loader-fed {fed:.0f} img/s ({100 * starved:.0f}% starved)" if fed
                  else "loader n/a")
+    gpu_fed, gpu_starved = got(4, "gpu_decode", "img_s"), got(4, "gpu_decode", "starved")
+    rows.append(["loader-fed img/s, data.decode: gpu (share of time starved)",
+                 f"{gpu_fed:.0f} ({100 * gpu_starved:.0f} %)" if gpu_fed else "n/a", "-"])
     top1, rand, epochs = got(5, "knn_top1"), got(5, "knn_top1_random"), got(5, "epochs_trained")
     rows.append(["CIFAR-10 k-NN top-1: PIC / random init (epochs)",
                  f"{top1:.2f} / {rand:.2f} ({epochs:.2f})" if top1 is not None else "n/a",

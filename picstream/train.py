@@ -26,7 +26,6 @@ from .distributed import World, close_world, init_world, parallelize, speaks_for
 from .evaluate import extract_splits, knn_classify
 from .lifecycle import RunLifecycle, TorchRNG, load_resume_checkpoint
 from .loader import PhotometricAugment
-from .loader.decode import nvimgcodec_installed
 from .lr_schedule import warmup_cosine_lr
 from .metrics import MetricsLogger
 from .model import PICNet
@@ -34,7 +33,7 @@ from .optimizers import apply_schedule, build_optimizer
 from .rowstore import StoreError
 from .scheduler import EpochScheduler, SlidingWindowScheduler
 from .shards import ShardsError
-from .train_data import open_train_set, train_loader_from_config
+from .train_data import check_decode, open_train_set, train_loader_from_config
 from .transfer import to_device
 
 
@@ -66,9 +65,7 @@ def check_world(config: Config, world: World, device: torch.device) -> None:
     if config.classifier.sampling == "full" and world.size > 1:
         raise ConfigError("classifier.sampling = full is the 1-process reference; a distributed run "
                           "needs classifier.sampling = recent")
-    if config.data.decode == "gpu" and (device.type != "cuda" or not nvimgcodec_installed()):
-        raise ConfigError("config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e "
-                          f"'.[loaders]'); this run has {'no CUDA device' if device.type != 'cuda' else 'no nvImageCodec'}")
+    check_decode(config, device)
     if config.model.sync_bn and world.size > 1 and device.type != "cuda":
         raise ConfigError("model.sync_bn needs CUDA devices (SyncBatchNorm); on CPU use per-process "
                           "BatchNorm (model.sync_bn=false) or model.norm=group")

@@ -8,6 +8,8 @@ from .beton import BetonSet, is_beton
 from .config import Config, ConfigError
 from .distributed import World
 from .loader import WindowLoader
+from .loader.decode import nvimgcodec_installed
+from .loader.nvimgcodec_regions import NvImageCodecRegions
 from .multicrop import loader_crops
 from .shards import ShardSet, ShardsError
 
@@ -36,20 +38,34 @@ def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache
                         augment=augment, on_missing=on_missing, pin_memory=pin_memory, **kw)
 
 
+def check_decode(config: Config, device: torch.device) -> None:
+    """Refuse, in one line, ``data.decode: gpu`` without a CUDA device or without nvImageCodec."""
+    if config.data.decode == "gpu" and (device.type != "cuda" or not nvimgcodec_installed()):
+        raise ConfigError("config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e "
+                          f"'.[loaders]'); this run has {'no CUDA device' if device.type != 'cuda' else 'no nvImageCodec'}")
+
+
 def train_loader_from_config(config: Config, train_set, scheduler, world: World, device: torch.device, *,
-                             start_step: int, num_steps: int, augment=None):
+                             start_step: int, num_steps: int, augment=None, decode_regions=None):
     """``world``'s rank of the training stream from ``start_step`` for ``num_steps`` global batches
     of ``config.optim.batch_size``, as ``config.data`` says, for training on ``device`` (CUDA: the
     batches come pinned); ``augment``: colour augmentation in the loader's workers (None: the
-    trainer does it)."""
+    trainer does it). Under ``data.decode: gpu`` the batches are decoded in this process by
+    ``decode_regions`` (default: nvImageCodec on ``device``, which must be a CUDA device)."""
     data = config.data
+    gpu = {}
     if data.decode == "gpu":
-        raise ConfigError("config key 'data.decode': gpu is not wired to the trainer yet (the nvImageCodec "
-                          "device call is missing); use data.decode=cpu")
+        if isinstance(train_set, BetonSet):
+            raise ConfigError("config key 'data.decode': gpu decodes shard sets; a .beton is decoded by FFCV "
+                              "(data.decode=cpu)")
+        if decode_regions is None:
+            check_decode(config, device)
+            decode_regions = NvImageCodecRegions(device)
+        gpu = dict(decode="gpu", decode_regions=decode_regions)
     return train_loader(
         train_set, scheduler, config.optim.batch_size // world.size, rank=world.rank,
         world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),
         multi_crop=loader_crops(data.multi_crop), workers=data.workers, start_step=start_step,
         num_steps=num_steps, seed=config.run.seed, cache_dir=data.cache_dir,
         cache_bytes=int(data.cache_gb * 2**30), augment=augment, on_missing=data.on_missing,
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", **gpu)

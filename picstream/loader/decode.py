@@ -13,7 +13,8 @@ decoders' exactly on the ImageNet sample and on odd JPEGs (progressive, restart 
 subsampling, grayscale, odd sizes; tests/test_decode.py); anything else it decodes like ``"auto"``'s full
 decoders, and so are CMYK / YCCK JPEGs (nvImageCodec's RGB conversion of them differs). No decoder
 applies EXIF orientation (``"roi"`` neither). Crops are resized with torch's antialiased bilinear kernel
-on uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md).
+on uint8, which is several times faster than ``PIL.Image.resize`` on CPU (see benchmarks/README.md); off
+the CPU, where torch has no such uint8 kernel, in float32 and rounded (within 1 level of it).
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ try:
 except (ImportError, OSError, RuntimeError):  # optional; its native library must match torch
     torchcodec_decode_jpeg = None
 
-__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "cut_crops", "cut_windowed_crops", "decode", "decode_crops",
-           "decode_center", "decode_regions_on_host", "decode_windows", "union_box", "windowed"]
+__all__ = ["DECODERS", "DEFAULT_FULL", "check_decoder", "crop_boxes", "cut_crops", "cut_windowed_crops", "decode",
+           "decode_crops", "decode_center", "decode_regions_on_host", "decode_windows", "nvimgcodec_decoder",
+           "union_box", "windowed"]
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # start-of-frame markers
@@ -116,18 +118,24 @@ def check_decoder(decoder: str) -> None:
             raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
 
 
+def nvimgcodec_decoder(cuda_index: int | None = None, threads: int = 1) -> tuple:
+    """``(nvimgcodec module, Decoder, DecodeParams)`` decoding as the full decoders do (fancy upsampling,
+    sRGB, no EXIF rotation): on CUDA device ``cuda_index`` with nvImageCodec's default back ends (GPU
+    first), or on its libjpeg-turbo CPU back end when None; ``threads``: its CPU threads (0: one per core)."""
+    from nvidia import nvimgcodec
+    cpu_only = dict(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)])
+    where = dict(device_id=cuda_index) if cuda_index is not None else cpu_only
+    decoder = nvimgcodec.Decoder(max_num_cpu_threads=threads, options=":fancy_upsampling=1", **where)
+    params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB)
+    return nvimgcodec, decoder, params
+
+
 def _roi_decoder() -> tuple:
     """This process's nvImageCodec CPU decoder (made after a fork, never inherited through one)."""
     pid = os.getpid()
     if pid not in _ROI_DECODER:
-        from nvidia import nvimgcodec
-        decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
-                                     backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
-                                     options=":fancy_upsampling=1")   # as simplejpeg / TorchCodec upsample
-        # no EXIF rotation: the full decoders do not apply it either
-        params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.SRGB)
         _ROI_DECODER.clear()
-        _ROI_DECODER[pid] = (nvimgcodec, decoder, params)
+        _ROI_DECODER[pid] = nvimgcodec_decoder()
     return _ROI_DECODER[pid]
 
 
@@ -177,18 +185,26 @@ def decode(data: bytes, decoder: str = "auto") -> torch.Tensor:
     return _pil(data)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], via_float: bool | None = None) -> torch.Tensor:
     """Antialiased bilinear resize of uint8 ``(h, w, 3)`` to ``size`` ``(h, w)``, HWC out.
 
     Channels-last uint8 is the layout torch's vectorised antialias kernel wants. The NCHW view is made
     from ``(1, h, w, 3)`` so its strides are the canonical channels-last ones: a view made from ``(3, h, w)``
     has a batch stride torch does not read as channels-last, and the kernel then writes planar output,
     which made copying each crop out 35x slower (benchmarks/README.md, "Region-of-interest decode").
+    Off the CPU (torch has no uint8 antialias kernel on CUDA) it computes in float32 and rounds
+    (``via_float``, None: off the CPU), within 1 level of the uint8 kernel (tests/test_device_crops.py).
     """
     if tuple(x.shape[:2]) == tuple(size):
         return x
+    if via_float is None:
+        via_float = x.device.type != "cpu"
     x = x.contiguous().unsqueeze(0).permute(0, 3, 1, 2)
-    y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if via_float:
+        y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    else:
+        y = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0)
 
 

@@ -3,7 +3,8 @@
 :func:`cut_views` takes per-sample uint8 ``(h, w, 3)`` images that cover each sample's crop boxes
 (the union of the boxes, or the whole image, with its top-left corner given) and yields one
 channels-last uint8 ``(b, 3, s, s)`` tensor per view, as :func:`decode.decode_crops` fills them: the
-same box, the same resize (:func:`decode._resize`), the same flip.
+same box, the same resize (:func:`decode._resize`; off the CPU its float32 form, within 1 level), the
+same flip.
 """
 from __future__ import annotations
 
