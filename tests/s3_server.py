@@ -48,26 +48,40 @@ def new_bucket(name: str | None = None) -> str:
     return bucket
 
 
-# argv: upstream port, log file, seed, fault rate. Request n of (method, path) gets a fault with
-# probability `rate` (at most 3 in a row, so a retrying client gets through), chosen by a hash of
-# (seed, method, path, n): 503 SlowDown, 500 InternalError, or the connection reset before a response.
+# argv: upstream port, log file, seed, fault rate, planned prefix. A request's key is METHOD:object key
+# (the bucket left out, so a fresh bucket gets the same faults). The first request of each key whose
+# object key starts with the planned prefix (none when empty) is a fault, these keys taking 503, 500
+# and reset in turn as they first come; any other request, the n-th of its key, gets a fault with
+# probability `rate`, chosen by a hash of (seed, key, n). A key gets at most 3 faults in all, so a
+# client that retries a read of k keys 3k times gets through whichever process sends which request.
+# Faults: 503 SlowDown, 500 InternalError (no body to a HEAD, as S3 does), or the connection reset
+# before a response.
 PROXY = r"""
-import hashlib, http.client, random, socket, sys, threading
+import hashlib, http.client, itertools, random, socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-upstream, log, seed, rate = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-lock, requests, streak = threading.Lock(), {}, {}
+upstream, log, seed, rate, planned = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+KINDS, MAX_FAULTS = ("503", "500", "reset"), 3
+lock, requests, faults, turns = threading.Lock(), {}, {}, itertools.count()
 ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
           "500": (500, "InternalError", "We encountered an internal error. Please try again.")}
 
-def choose(key):
+def choose(method, path):
+    obj = path[1:].partition("/")[2]
+    key = f"{method}:{obj}"
     with lock:
         n = requests[key] = requests.get(key, 0) + 1
-        rng = random.Random(hashlib.blake2b(f"{seed}:{key}:{n}".encode()).digest())
-        kind = rng.choice(["503", "500", "reset"]) if rng.random() < rate and streak.get(key, 0) < 3 else "ok"
-        streak[key] = streak.get(key, 0) + 1 if kind != "ok" else 0
+        if faults.get(key, 0) == MAX_FAULTS:
+            kind = "ok"
+        elif n == 1 and planned and obj.startswith(planned):
+            kind = KINDS[next(turns) % len(KINDS)]
+        else:
+            rng = random.Random(hashlib.blake2b(f"{seed}:{key}:{n}".encode()).digest())
+            kind = rng.choice(KINDS) if rng.random() < rate else "ok"
+        if kind != "ok":
+            faults[key] = faults.get(key, 0) + 1
         with open(log, "a") as f:
-            f.write(f"{key} {kind}\n")
+            f.write(f"{method}:{path} {kind}\n")
     return kind
 
 class Handler(BaseHTTPRequestHandler):
@@ -75,7 +89,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def forward(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        kind = choose(f"{self.command}:{self.path.split('?')[0]}")
+        kind = choose(self.command, self.path.split("?")[0])
         if kind == "reset":
             self.close_connection = True
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -87,7 +101,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
             return
         conn = http.client.HTTPConnection("127.0.0.1", upstream)
         conn.request(self.command, self.path, body=body, headers=dict(self.headers))
@@ -116,13 +131,15 @@ sys.stdin.read()
 
 
 class FaultyProxy:
-    """A seeded fault-injecting HTTP proxy on 127.0.0.1 in front of an S3 server; ``env`` points
-    clients at it instead."""
+    """A seeded fault-injecting HTTP proxy on 127.0.0.1 in front of an S3 server (the fault plan is
+    above PROXY); ``env`` points clients at it instead."""
 
-    def __init__(self, upstream: MotoServer, log, seed: int, rate: float):
+    def __init__(self, upstream: MotoServer, log, seed: int, rate: float, planned_prefix: str = ""):
+        """`planned_prefix`: the first request of each method on every object whose key starts with
+        it is a fault, whatever `seed` and `rate` draw."""
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-c", PROXY, str(upstream.port), str(log), str(seed),
-                                      str(rate)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        argv = [sys.executable, "-c", PROXY, str(upstream.port), str(log), str(seed), str(rate), planned_prefix]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.env = {**upstream.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{int(self.proc.stdout.readline())}"}
 
     def served(self) -> list[tuple[str, str]]:
