@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # FFCV builds from source against OpenCV and libjpeg-turbo (Debian: libopencv-dev libturbojpeg0-dev).
 FFCV_APT := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: install demo test test-loaders bench gpu-check ffcv loaders parquet cluster s3 clean
+.PHONY: install demo test test-loaders bench gpu-check ffcv loaders nvimgcodec parquet cluster s3 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ loaders: ffcv
 	$(VENV)/bin/pip install --quiet -e ".[dev,loaders]"
 	$(VENV)/bin/pip install --quiet --no-deps $(LOADERS_NODEPS)
 
+# Optional: nvImageCodec, for decoder="roi" (region-of-interest decode on the CPU) and data.decode: gpu.
+nvimgcodec: $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[dev,nvimgcodec]"
+
 # Optional: parquet and Hugging Face `datasets` sources for make_shards (`.[parquet]`).
 parquet: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e ".[dev,parquet]"
@@ -56,7 +60,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
-# The tests of the peer loaders and region-of-interest decode (the loaders extra, ~770 MB), not in `make test`.
+# benchmarks/loaders.py --quick in full (its HTTP and multi-crop rows too; `make test` runs the local rows).
 test-loaders: loaders
 	$(VENV)/bin/python -m pytest -q -m loaders
 

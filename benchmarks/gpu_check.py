@@ -598,7 +598,7 @@ def gpu_decode_run(check: Check, run_dir: Path, overrides: list[str]) -> tuple[s
         label = "data.decode: gpu (nvImageCodec CPU back end, no device: the code path only)"
         make_loader = gpu_mode_on_cpu
     if not nvimgcodec_installed():
-        return label, "skipped: nvImageCodec is not installed (pip install -e '.[loaders]')", None
+        return label, "skipped: nvImageCodec is not installed (pip install -e '.[nvimgcodec]')", None
     if check.left() <= 0:
         return label, "skipped: section time is up", None
     try:

@@ -422,7 +422,10 @@ def print_report(results: dict[str, dict], missing: dict[str, str], workers: int
     def ratios(key: str) -> str:
         peers = [n for n in results if not n.startswith("picstream") and REFERENCE.get(n, "picstream") in results]
         return ", ".join(f"{ours(n)[key] / results[n][key]:.2f}x {n}" for n in peers) or "(no peer installed)"
-    print(f"RESULT: picstream WindowLoader img/s {ratios('img_s')}; per core {ratios('img_s_core')} (decode + "
+    local = [n for n in results if not n.startswith("picstream") and n not in REFERENCE]
+    roi = "" if "picstream-roi" not in results or not local else "; with decoder roi, per core " + ", ".join(
+        f"{results['picstream-roi']['img_s_core'] / results[n]['img_s_core']:.2f}x {n}" for n in local)
+    print(f"RESULT: picstream WindowLoader img/s {ratios('img_s')}; per core {ratios('img_s_core')}{roi} (decode + "
           f"RRC 224 + flip, uint8 batches of {BATCH}, {workers} workers; a *-http or *-multicrop row: "
           "picstream's row of the same setting ÷ it)")
 

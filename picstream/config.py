@@ -43,7 +43,7 @@ class DataConfig:
     # scale_hi] (picstream.multicrop); empty = one view per image
     multi_crop: list[list[float]] = field(default_factory=list)
     # where the JPEGs are decoded: in the loader's CPU workers, or batched on the CUDA device by
-    # nvImageCodec (the workers pass bytes and crop boxes; the loaders extra)
+    # nvImageCodec (the workers pass bytes and crop boxes; the nvimgcodec extra)
     decode: Literal["cpu", "gpu"] = "cpu"
 
 

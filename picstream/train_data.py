@@ -42,7 +42,7 @@ def check_decode(config: Config, device: torch.device) -> None:
     """Refuse, in one line, ``data.decode: gpu`` without a CUDA device or without nvImageCodec."""
     if config.data.decode == "gpu" and (device.type != "cuda" or not nvimgcodec_installed()):
         raise ConfigError("config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e "
-                          f"'.[loaders]'); this run has {'no CUDA device' if device.type != 'cuda' else 'no nvImageCodec'}")
+                          f"'.[nvimgcodec]'); this run has {'no CUDA device' if device.type != 'cuda' else 'no nvImageCodec'}")
 
 
 def train_loader_from_config(config: Config, train_set, scheduler, world: World, device: torch.device, *,

@@ -97,7 +97,7 @@ COMBINATION_CASES = [
     (("optim.batch_size=1", "classifier.recent_k=16"),
      "optim.batch_size = 1 leaves 1 image per process: BatchNorm needs at least 2"),
     (("data.decode=gpu", "run.device=cpu"),
-     "config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e '.[loaders]'); "
+     "config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e '.[nvimgcodec]'); "
      "this run has no CUDA device"),
 ]
 

@@ -58,7 +58,6 @@ def crops(data: bytes, u: np.ndarray, specs, decoder: str) -> list[torch.Tensor]
 
 
 @pytest.mark.slow
-@pytest.mark.loaders
 @pytest.mark.parametrize("multi_crop", [None, [(96, 3)]], ids=["one crop", "1x224 + 3x96"])
 def test_roi_crops_equal_the_full_decode_crops(imagenet_sample_dir, multi_crop):
     """Tolerance 0: on every photo of the ImageNet sample (977 RGB and 23 grayscale baseline JPEGs) the crops
@@ -73,7 +72,6 @@ def test_roi_crops_equal_the_full_decode_crops(imagenet_sample_dir, multi_crop):
             assert torch.equal(roi, full), f.name
 
 
-@pytest.mark.loaders
 @pytest.mark.parametrize("name", ODD_JPEGS)
 def test_roi_crops_equal_the_full_decode_crops_on_odd_jpegs(name):
     """Tolerance 0 against simplejpeg (the default full decoder) on each kind of JPEG, 1x40 + 3x24 crops
@@ -96,7 +94,6 @@ def test_roi_crops_equal_the_full_decode_crops_on_odd_jpegs(name):
             assert torch.equal(roi, full)
 
 
-@pytest.mark.loaders
 def test_roi_decodes_what_is_not_a_jpeg_in_full():
     require("nvidia.nvimgcodec")
     img = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))

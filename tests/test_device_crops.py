@@ -90,7 +90,6 @@ def assert_regions_equal_the_host_decode(decode_regions, datas: list[bytes], reg
         assert torch.equal(x, y)
 
 
-@pytest.mark.loaders
 def test_batched_region_decode_equals_the_host_decode(imagenet_sample_dir):
     """Tolerance 0, the CPU back end, the whole ImageNet sample in batches of 100 (one decode call each),
     the regions the loader sends for 1x224 + 2x96 crops: no sample falls back to the host."""
@@ -104,7 +103,6 @@ def test_batched_region_decode_equals_the_host_decode(imagenet_sample_dir):
     assert not decode_regions.fallbacks
 
 
-@pytest.mark.loaders
 def test_batched_region_decode_equals_the_host_decode_on_odd_jpegs():
     """Tolerance 0 on every kind of ODD_JPEGS in one batch, 10 draws of 1x40 + 3x24 crops each; the CMYK and
     YCCK JPEGs (only they) take the host's full decode, and are counted."""
@@ -117,7 +115,6 @@ def test_batched_region_decode_equals_the_host_decode_on_odd_jpegs():
     assert four == 2 and decode_regions.fallbacks == {FOUR_COMPONENTS: 10 * four}
 
 
-@pytest.mark.loaders
 def test_region_decode_falls_back_to_the_host_and_counts_it():
     """A non-JPEG (a PNG) and a CMYK JPEG take the host's full decode, cut to the region, counted by reason;
     a truncated JPEG (its header intact, as a worker passes it) fails on nvImageCodec and on the host: it
@@ -151,7 +148,7 @@ def sample_shards(imagenet_sample_dir, tmp_path_factory):
     return root / "shards"
 
 
-@pytest.mark.parametrize("decoder", ["host", pytest.param("nvimgcodec", marks=pytest.mark.loaders)],
+@pytest.mark.parametrize("decoder", ["host", "nvimgcodec"],
                          ids=["host decode", "nvImageCodec CPU back end"])
 def test_gpu_mode_batches_equal_the_cpu_path(sample_shards, decoder):
     """decode="gpu" with the host decoder, or nvImageCodec's batched region decode on its CPU back end, in
@@ -176,7 +173,6 @@ def test_gpu_mode_batches_equal_the_cpu_path(sample_shards, decoder):
     assert not getattr(decode_regions, "fallbacks", None)
 
 
-@pytest.mark.loaders
 def test_trainer_loader_decodes_gpu_mode_with_the_given_call(sample_shards):
     """`train_loader_from_config` under data.decode: gpu: refused in one line on the CPU without a decode
     call (the trainer's own, nvImageCodec on the device, needs CUDA); given nvImageCodec's CPU back end, its

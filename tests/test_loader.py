@@ -195,7 +195,6 @@ def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
     assert torch.equal(resumed[0].images, bad[0].images) and torch.equal(resumed[0].ids, bad[0].ids)
 
 
-@pytest.mark.loaders
 def test_roi_batches_equal_the_full_decode_batches(imagenet_sample_dir, tmp_path):
     """decoder="roi" decodes each batch's crop windows in one nvImageCodec call: its batches equal the full
     decoder's exactly (0 and 2 workers, multi-crop), with a CMYK JPEG, a grayscale one and a PNG among the

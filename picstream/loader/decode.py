@@ -8,7 +8,8 @@ is a drop-in PIL). ``"auto"``: Pillow with ``draft`` (JPEG DCT-domain downscalin
 the sample is at least twice its output size, otherwise the fastest installed full decoder
 (``DEFAULT_FULL``), falling back to Pillow for anything it cannot read. ``"roi"``: region-of-interest
 decode of each sample's crops (the rows and columns of the union of its crop boxes only), through
-nvImageCodec's libjpeg-turbo CPU back end (optional: the ``loaders`` extra); its crops equal the full
+nvImageCodec's libjpeg-turbo CPU back end (optional: the ``nvimgcodec`` extra; the loader's workers decode
+a batch's windows in one call, :func:`cut_windowed_crops`); its crops equal the full
 decoders' exactly on the ImageNet sample and on odd JPEGs (progressive, restart markers, every chroma
 subsampling, grayscale, odd sizes; tests/test_decode.py); anything else it decodes like ``"auto"``'s full
 decoders, and so are CMYK / YCCK JPEGs (nvImageCodec's RGB conversion of them differs). No decoder
@@ -102,7 +103,7 @@ _ROI_DECODER: dict[int, tuple] = {}   # pid -> (nvimgcodec module, Decoder, Deco
 
 
 def nvimgcodec_installed() -> bool:
-    """Whether nvImageCodec (``nvidia.nvimgcodec``, the loaders extra) can be imported."""
+    """Whether nvImageCodec (``nvidia.nvimgcodec``, the nvimgcodec extra) can be imported."""
     try:
         return importlib.util.find_spec("nvidia.nvimgcodec") is not None
     except ModuleNotFoundError:   # no `nvidia` namespace at all
@@ -115,7 +116,7 @@ def check_decoder(decoder: str) -> None:
         raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
     if decoder == "roi":
         if not nvimgcodec_installed():
-            raise ValueError("decoder 'roi' needs nvImageCodec (nvidia-nvimgcodec-cu13, in the loaders extra)")
+            raise ValueError("decoder 'roi' needs nvImageCodec (pip install -e '.[nvimgcodec]')")
 
 
 def nvimgcodec_decoder(cuda_index: int | None = None, threads: int = 1) -> tuple:
