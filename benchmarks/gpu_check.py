@@ -586,14 +586,19 @@ def gpu_mode_on_cpu(trainer: Trainer):
                                     decode_regions=NvImageCodecRegions(trainer.device))
 
 
-def gpu_decode_run(check: Check, run_dir: Path, overrides: list[str]) -> tuple[str, str, Optional[dict]]:
-    """Section 4's run (its config ``overrides``) again in ``run_dir`` with ``data.decode: gpu``: on CUDA
-    the trainer's own nvImageCodec decode on the device, else :func:`gpu_mode_on_cpu`; the row's label and
-    value, and the timings (None when the row did not run: skipped or failed)."""
-    config = check.config("in1k.yaml", run_dir, *overrides,
-                          *(["data.decode=gpu"] if check.device.type == "cuda" else []))
-    if check.device.type == "cuda":
-        label, make_loader = f"data.decode: gpu (nvImageCodec on {check.device})", Trainer.make_loader
+def decode_run(check: Check, run_dir: Path, overrides: list[str], mode: str) -> tuple[str, str, Optional[dict]]:
+    """Section 4's run (its config ``overrides``) again in ``run_dir`` decoding with nvImageCodec: ``mode``
+    ``"roi"``: ``data.decoder: roi`` in the CPU workers; ``"gpu"``: ``data.decode: gpu``, on CUDA the
+    trainer's own decode on the device, else :func:`gpu_mode_on_cpu`. The row's label and value, and the
+    timings (None when the row did not run: skipped or failed)."""
+    on_device = mode == "gpu" and check.device.type == "cuda"
+    config = check.config("in1k.yaml", run_dir, *overrides, *(["data.decoder=roi"] if mode == "roi" else []),
+                          *(["data.decode=gpu"] if on_device else []))
+    make_loader = Trainer.make_loader
+    if mode == "roi":
+        label = "data.decoder: roi (crop windows only, nvImageCodec in the CPU workers)"
+    elif on_device:
+        label = f"data.decode: gpu (nvImageCodec on {check.device})"
     else:
         label = "data.decode: gpu (nvImageCodec CPU back end, no device: the code path only)"
         make_loader = gpu_mode_on_cpu
@@ -609,8 +614,8 @@ def gpu_decode_run(check: Check, run_dir: Path, overrides: list[str]) -> tuple[s
     except Exception as err:  # noqa: BLE001 - the CPU path's rows stand; the failure is this row's result
         first = (str(err).splitlines() or [""])[0]
         return label, f"failed: {'OOM: ' if is_oom(err) else ''}{type(err).__name__}: {first}", None
-    return label, (f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved, "
-                   f"{sum(r['host_decodes'].values())} host decodes"), r
+    host = f", {sum(r['host_decodes'].values())} host decodes" if "host_decodes" in r else ""
+    return label, f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved{host}", r
 
 
 def real_data(check: Check, sec: Section) -> None:
@@ -639,9 +644,10 @@ def real_data(check: Check, sec: Section) -> None:
                 ["data.decode: cpu (the rows above)",
                  f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved"]]
     sec.summary = {**r, "prep_s": prep_s, "workers": check.cores, "batch": batch}
-    label, value, gpu = gpu_decode_run(check, work / "run-gpu-decode", overrides)
-    sec.rows.append([label, value])
-    sec.summary["gpu_decode"] = gpu or {"status": value}
+    for mode in ("roi", "gpu"):
+        label, value, timings = decode_run(check, work / f"run-{mode}-decode", overrides, mode)
+        sec.rows.append([label, value])
+        sec.summary[f"{mode}_decode"] = timings or {"status": value}
 
 
 # ---------------------------------------------------------------------------- 5. quality
@@ -773,9 +779,10 @@ def headline(sections: dict[int, Section]) -> tuple[list[list], str]:
                  f"{fed:.0f} ({100 * starved:.0f} %)" if fed else "n/a", f">= {GOAL_IMG_S}"])
     parts.append(f"loader-fed {fed:.0f} img/s ({100 * starved:.0f}% starved)" if fed
                  else "loader n/a")
-    gpu_fed, gpu_starved = got(4, "gpu_decode", "img_s"), got(4, "gpu_decode", "starved")
-    rows.append(["loader-fed img/s, data.decode: gpu (share of time starved)",
-                 f"{gpu_fed:.0f} ({100 * gpu_starved:.0f} %)" if gpu_fed else "n/a", "-"])
+    for mode, setting in (("roi", "data.decoder: roi"), ("gpu", "data.decode: gpu")):
+        mode_fed, mode_starved = got(4, f"{mode}_decode", "img_s"), got(4, f"{mode}_decode", "starved")
+        rows.append([f"loader-fed img/s, {setting} (share of time starved)",
+                     f"{mode_fed:.0f} ({100 * mode_starved:.0f} %)" if mode_fed else "n/a", "-"])
     top1, rand, epochs = got(5, "knn_top1"), got(5, "knn_top1_random"), got(5, "epochs_trained")
     rows.append(["CIFAR-10 k-NN top-1: PIC / random init (epochs)",
                  f"{top1:.2f} / {rand:.2f} ({epochs:.2f})" if top1 is not None else "n/a",

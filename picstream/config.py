@@ -45,6 +45,10 @@ class DataConfig:
     # where the JPEGs are decoded: in the loader's CPU workers, or batched on the CUDA device by
     # nvImageCodec (the workers pass bytes and crop boxes; the nvimgcodec extra)
     decode: Literal["cpu", "gpu"] = "cpu"
+    # the CPU workers' JPEG decoder (picstream.loader.decode): auto (the fastest full decoder, DCT-domain
+    # downscaling for crops >= 2x their output), roi (only each sample's crop window, through nvImageCodec:
+    # the same pixels as the full decoders, faster; the nvimgcodec extra), or one full decoder by name
+    decoder: Literal["auto", "roi", "simplejpeg", "torchcodec", "pil"] = "auto"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from .beton import BetonSet, is_beton
 from .config import Config, ConfigError
 from .distributed import World
 from .loader import WindowLoader
-from .loader.decode import nvimgcodec_installed
+from .loader.decode import check_decoder, nvimgcodec_installed
 from .loader.nvimgcodec_regions import NvImageCodecRegions
 from .multicrop import loader_crops
 from .shards import ShardSet, ShardsError
@@ -39,7 +39,12 @@ def train_loader(train_set, scheduler, batch_size: int, *, cache_dir=None, cache
 
 
 def check_decode(config: Config, device: torch.device) -> None:
-    """Refuse, in one line, ``data.decode: gpu`` without a CUDA device or without nvImageCodec."""
+    """Refuse, in one line, ``data.decode: gpu`` without a CUDA device or without nvImageCodec, and a
+    ``data.decoder`` whose library is not installed."""
+    try:
+        check_decoder(config.data.decoder)
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.decoder': {err}") from None
     if config.data.decode == "gpu" and (device.type != "cuda" or not nvimgcodec_installed()):
         raise ConfigError("config key 'data.decode': gpu needs a CUDA device and nvImageCodec (pip install -e "
                           f"'.[nvimgcodec]'); this run has {'no CUDA device' if device.type != 'cuda' else 'no nvImageCodec'}")
@@ -53,19 +58,23 @@ def train_loader_from_config(config: Config, train_set, scheduler, world: World,
     trainer does it). Under ``data.decode: gpu`` the batches are decoded in this process by
     ``decode_regions`` (default: nvImageCodec on ``device``, which must be a CUDA device)."""
     data = config.data
-    gpu = {}
-    if data.decode == "gpu":
-        if isinstance(train_set, BetonSet):
-            raise ConfigError("config key 'data.decode': gpu decodes shard sets; a .beton is decoded by FFCV "
-                              "(data.decode=cpu)")
+    if isinstance(train_set, BetonSet):   # FFCV decodes a .beton itself
+        for key, value, default in (("decode", data.decode, "cpu"), ("decoder", data.decoder, "auto")):
+            if value != default:
+                raise ConfigError(f"config key 'data.{key}': {value} decodes shard sets; a .beton is decoded by "
+                                  f"FFCV (data.{key}={default})")
+        decoding = {}
+    elif data.decode == "gpu":
         if decode_regions is None:
             check_decode(config, device)
             decode_regions = NvImageCodecRegions(device)
-        gpu = dict(decode="gpu", decode_regions=decode_regions)
+        decoding = dict(decode="gpu", decode_regions=decode_regions)
+    else:
+        decoding = dict(decoder=data.decoder)
     return train_loader(
         train_set, scheduler, config.optim.batch_size // world.size, rank=world.rank,
         world_size=world.size, image_size=data.image_size, crop_scale=tuple(data.crop_scale),
         multi_crop=loader_crops(data.multi_crop), workers=data.workers, start_step=start_step,
         num_steps=num_steps, seed=config.run.seed, cache_dir=data.cache_dir,
         cache_bytes=int(data.cache_gb * 2**30), augment=augment, on_missing=data.on_missing,
-        pin_memory=device.type == "cuda", **gpu)
+        pin_memory=device.type == "cuda", **decoding)

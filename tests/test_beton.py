@@ -176,6 +176,21 @@ def test_beton_loader_yields_the_window_stream(coloured):
         assert which(b.extra_crops[0]) == which(b.extra_crops[1]) == which(a.images)
 
 
+@pytest.mark.parametrize("override", ["data.decode=gpu", "data.decoder=roi"])
+def test_a_beton_refuses_picstreams_decoders_in_one_line(coloured, override):
+    """FFCV decodes a .beton itself: picstream's decode settings are refused, naming the key."""
+    from picstream.beton import BetonSet
+    from picstream.config import ConfigError, load_config
+    from picstream.distributed import World
+    from picstream.train_data import train_loader_from_config
+
+    beton = BetonSet(coloured, seed=5)
+    config = load_config(None, [f"data.train={coloured}", "data.image_size=8", "optim.batch_size=6", override])
+    with pytest.raises(ConfigError, match=f"config key 'data.{override[5:].split('=')[0]}': .* a .beton is decoded"):
+        train_loader_from_config(config, beton, SlidingWindowScheduler(len(beton), 16, 4, seed=2), World(),
+                                 torch.device("cpu"), start_step=0, num_steps=2)
+
+
 def test_beton_loader_crops_follow_the_rule(ffcv, cifar_rows, tmp_path):
     """Each crop recomputed independently: the documented hash → uniforms → picstream's box rule → flip,
     cut from the stored JPEG and resized with OpenCV's INTER_AREA (what FFCV's resize_crop uses); a wrong

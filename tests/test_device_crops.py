@@ -195,3 +195,21 @@ def test_trainer_loader_decodes_gpu_mode_with_the_given_call(sample_shards):
     for a, b in zip(batches["host"], batches["nvimgcodec"]):
         assert torch.equal(a.ids, b.ids) and len(b.extra_crops) == 2
         assert all(torch.equal(x, y) for x, y in zip([a.images, *a.extra_crops], [b.images, *b.extra_crops]))
+
+
+def test_trainer_loader_decodes_with_data_decoder(sample_shards):
+    """`data.decoder: roi` reaches the WindowLoader, whose batches equal those of a full decoder."""
+    require("nvidia.nvimgcodec")
+    shards = ShardSet.open(sample_shards)
+    sched = SlidingWindowScheduler(len(shards), 24, 8, seed=1)
+    batches = {}
+    for decoder in ("roi", "simplejpeg"):
+        config = load_config(None, [f"data.train={sample_shards}", "data.image_size=32", "data.workers=0",
+                                    "optim.batch_size=7", "data.multi_crop=[[16,2]]", f"data.decoder={decoder}"])
+        with train_loader_from_config(config, shards, sched, World(), torch.device("cpu"), start_step=0,
+                                      num_steps=3) as loader:
+            assert loader.dataset.maker.decoder == decoder
+            batches[decoder] = list(loader)
+    for a, b in zip(batches["roi"], batches["simplejpeg"], strict=True):
+        assert torch.equal(a.ids, b.ids)
+        assert all(torch.equal(x, y) for x, y in zip([a.images, *a.extra_crops], [b.images, *b.extra_crops]))

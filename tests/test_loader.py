@@ -198,8 +198,9 @@ def test_bad_samples_are_skipped_counted_and_refilled(labelled, tmp_path):
 def test_roi_batches_equal_the_full_decode_batches(imagenet_sample_dir, tmp_path):
     """decoder="roi" decodes each batch's crop windows in one nvImageCodec call: its batches equal the full
     decoder's exactly (0 and 2 workers, multi-crop), with a CMYK JPEG, a grayscale one and a PNG among the
-    photos (decoded in full) and a truncated JPEG (intact per its checksum, its frame header readable)
-    skipped as "decode" and its slot refilled alike."""
+    photos (decoded in full), and in one batch a truncated JPEG (intact per its checksum, its frame header
+    readable: skipped as "decode" only once its window fails) before a damaged sample (skipped at its read):
+    both slots are refilled in slot order, as the full decoder's path does."""
     from conftest import require
 
     require("nvidia.nvimgcodec")
@@ -214,21 +215,25 @@ def test_roi_batches_equal_the_full_decode_batches(imagenet_sample_dir, tmp_path
     photo.save(src / "photo.png")
     make_shards(src, tmp_path / "shards", shard_size=8, seed=4, labels=False, progress=False)
     ss = ShardSet.open(tmp_path / "shards")
-    victim = next(i for i in range(len(ss)) if (jpeg_frame(ss.read(i)) or (0, 0, 0))[2] == 3)
-    k, row = divmod(victim, ss.shard_size)
-    offset, nbytes, _ = ss.index(k)[row]
+    sched = EpochScheduler(len(ss), seed=0)
+    first = sched.ids_at(0, 11).tolist()   # batch 0: a truncated JPEG, then a damaged sample in a later slot
+    truncated_at = next(j for j, i in enumerate(first[:-1]) if (jpeg_frame(ss.read(i)) or (0, 0, 0))[2] == 3)
+    victim, damaged = first[truncated_at], first[truncated_at + 1]
     data = ss.read(victim)
-    truncated = data[:nbytes // 2].ljust(nbytes, b"\0")   # same length: the tar stays as it is
-    with open(tmp_path / "shards" / f"shard-{k:06d}.tar", "r+b") as f:
-        f.seek(int(offset))
-        f.write(truncated)
-    reindex(tmp_path / "shards", k, row, truncated)
+    for sample_id, junk in ((victim, None), (damaged, b"\x00not an image" * 4)):
+        k, row = divmod(sample_id, ss.shard_size)
+        offset, nbytes, _ = ss.index(k)[row]
+        new = junk or data[:nbytes // 2].ljust(nbytes, b"\0")   # same length: the tar stays as it is
+        with open(tmp_path / "shards" / f"shard-{k:06d}.tar", "r+b") as f:
+            f.seek(int(offset))
+            f.write(new)
+        if junk is None:   # the truncated JPEG passes its checksum; the damaged sample does not
+            reindex(tmp_path / "shards", k, row, new)
     ss = ShardSet.open(tmp_path / "shards")
     assert jpeg_frame(ss.read(victim)) == jpeg_frame(data)
-    sched = EpochScheduler(len(ss), seed=0)
     kw = dict(image_size=48, num_steps=4, seed=3, multi_crop=[(24, 2)])
     want = batches(WindowLoader(ss, sched, 11, workers=0, decoder="simplejpeg", **kw))   # all 43 samples
-    assert sum((Counter(b.skip_reasons) for b in want), Counter()) == {"decode": 1}
+    assert want[0].skip_reasons == {"decode": 1, "damaged": 1}
     for workers in (0, 2):
         got = batches(WindowLoader(ss, sched, 11, workers=workers, decoder="roi", **kw))
         for x, y in zip(want, got, strict=True):

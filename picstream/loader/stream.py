@@ -156,28 +156,29 @@ class _BatchMaker:
         reasons: Counter[str] = Counter()
         tried = set(ids.tolist())
         spares = (c for c in spares if c not in tried)
-        # "roi": the slots' windows are decoded together after the loop, one nvImageCodec call per batch
+        # "roi": the slots' windows are decoded together after the reads, one nvImageCodec call per batch
         windows = {} if self.decoder == "roi" and self.decode == "cpu" else None
-
-        def fill(i: int, sample_id: int | None, windows: dict | None) -> None:
-            while sample_id is not None:
+        failed = []
+        try:
+            for i, sample_id in enumerate(ids.tolist()):
                 reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels, windows)
                 if reason is None:
                     got[i], ok[i] = sample_id, True
-                    return
-                reasons[reason] += 1
-                sample_id = next(spares, None)
-                tried.add(sample_id)
-
-        try:
-            for i, sample_id in enumerate(ids.tolist()):
-                fill(i, sample_id, windows)
-            for i in self._cut_windows(windows or {}, views):   # a slot whose pixels did not decode
+                else:
+                    reasons[reason] += 1
+                    failed.append(i)
+            for i in self._cut_windows(windows or {}, views):   # read, but its pixels did not decode
                 ok[i] = False
                 reasons["decode"] += 1
-                sample_id = next(spares, None)
-                tried.add(sample_id)
-                fill(i, sample_id, None)
+                failed.append(i)
+            for i in sorted(failed):   # refilled in slot order, each spare decoded on its own
+                for sample_id in spares:
+                    tried.add(sample_id)
+                    reason = self._fill(i, sample_id, int(positions[i]), u[i], views, labels)
+                    if reason is None:
+                        got[i], ok[i] = sample_id, True
+                        break
+                    reasons[reason] += 1
         except ShardsError as err:
             return _error_batch(step, err)
         keep = None if ok.all() else torch.from_numpy(np.flatnonzero(ok))
