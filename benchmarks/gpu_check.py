@@ -644,7 +644,7 @@ def real_data(check: Check, sec: Section) -> None:
                 ["data.decode: cpu (the rows above)",
                  f"{r['img_s']:.0f} img/s, {100 * r['starved']:.1f} % starved"]]
     sec.summary = {**r, "prep_s": prep_s, "workers": check.cores, "batch": batch}
-    for mode in ("roi", "gpu"):
+    for mode in ("gpu", "roi"):   # the device path first: the section's time may not cover both
         label, value, timings = decode_run(check, work / f"run-{mode}-decode", overrides, mode)
         sec.rows.append([label, value])
         sec.summary[f"{mode}_decode"] = timings or {"status": value}
