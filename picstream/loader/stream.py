@@ -197,8 +197,8 @@ class _BatchMaker:
 
     def _fill(self, i: int, sample_id: int, position: int, u: np.ndarray, views, labels,
               windows: dict | None = None) -> str | None:
-        """Read and crop sample ``sample_id`` into slot ``i`` (with ``windows``, a JPEG ``"roi"`` decodes
-        by window is only read and its crop boxes drawn, into ``windows[i]``): None, or why it failed."""
+        """Read and crop sample ``sample_id`` into slot ``i``: None, or why it failed. With ``windows``, a
+        JPEG that ``"roi"`` decodes by window is only read and its crop boxes drawn, into ``windows[i]``."""
         try:
             data, labels[i] = self.reader.read_sample(sample_id)
         except ShardsError:
